@@ -1,0 +1,1 @@
+"""Triton kernels (@triton.jit only). Imported lazily by bertkern.ops."""

@@ -14,7 +14,8 @@
 //     fatal error.
 //   * Warp w is threads [32w, 32w + 32) of the linearized thread index; a warp shuffle writes the
 //     value to a per-warp slot array, waits at a per-warp barrier, reads the source lane's slot
-//     and waits at the per-warp barrier again (so the slots can be reused).
+//     and waits at the per-warp barrier again (so the slots can be reused). A full-mask shuffle
+//     in a warp with fewer than 32 threads, or with a lane that has returned, is a fatal error.
 //   * A launch that does not finish within CUDA_HOST_EMU_TIMEOUT_S seconds (default 600; a
 //     hang is how a shuffle or barrier reached by only part of its threads shows up) aborts
 //     the process with a message.
@@ -24,9 +25,12 @@
 // phase before all departures of it). std::barrier is deliberately NOT used: libstdc++'s
 // std::barrier waits through the process-wide atomic-wait pool, whose seq_cst read-modify-writes
 // TSan takes as synchronization between unrelated threads, which hides real races depending on
-// timing. Correct kernels give no TSan report; a shared-memory write read by another thread
-// with no __syncthreads between them (or a missing barrier before the next reuse of a scratch
-// array) is reported as a data race.
+// timing (measured with the planted race of tests/emulation/planted_race.cuh: a missing barrier
+// before a scratch array's reuse was reported in 4 of 10 runs with std::barrier, 10 of 10 with
+// this barrier). Correct kernels give no TSan report; a shared-memory write read by another
+// thread with no __syncthreads between them (or a missing barrier before the next reuse of a
+// scratch array) is reported as a data race. Note that the compiler may drop a shared-memory
+// read whose value only some threads use, and TSan only sees the reads that remain.
 //
 // Supported subset of CUDA (anything else does not compile or is a fatal error):
 //   __global__, __device__, __host__, __forceinline__, __restrict__ (g++ knows it),
@@ -37,9 +41,12 @@
 //   __shfl_sync / __shfl_xor_sync / __shfl_up_sync / __shfl_down_sync(mask, v, lane, width)
 //   for trivially copyable v of at most 8 bytes, with the full mask 0xffffffff, all 32 lanes
 //   of the warp present in the block and all of them executing the same shuffle.
-//   Not supported: atomics, dynamic shared memory, cooperative groups, streams/events,
-//   launches from inside a kernel, more than one launch at a time (launches are serialized).
-// Device math is plain host float math (rsqrtf = 1 / sqrtf), not the GPU's approximations.
+//   Kernels and device functions defined in headers must be templates or __forceinline__ (as
+//   with nvcc; the keywords expand to nothing here). Not supported: atomics, dynamic shared
+//   memory, cooperative groups, streams/events, launches from inside a kernel. Launches from
+//   several host threads are serialized (shared memory is process-wide static storage).
+// Device math is plain host float math (rsqrtf = 1 / sqrtf, IEEE division), not the GPU's
+// approximations (--use_fast_math): compare with tolerances, not bits, across the two.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -116,7 +123,11 @@ namespace detail {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Prints the first fatal error of the process and aborts; a second thread failing at the same
+// time blocks here until the abort.
 [[noreturn]] inline void fatal(const char* fmt, ...) {
+  static std::mutex once;
+  once.lock();
   std::va_list ap;
   va_start(ap, fmt);
   std::fprintf(stderr, "cuda_host_emu: fatal: ");
@@ -309,8 +320,12 @@ T exchange(ThreadState& t, WarpState& w, T value, unsigned src, const char* what
   std::memcpy(&bits, &value, sizeof(T));
   w.slot[t.lane] = bits;
   w.barrier->arrive_and_wait();
-  if (w.exited[src])
-    fatal("%s: lane %u of warp %u reads lane %u, which has exited", what, t.lane, t.warp, src);
+  // The full mask names every lane: all must be here (none may have returned).
+  for (unsigned lane = 0; lane < kWarpSize; ++lane) {
+    if (w.exited[lane])
+      fatal("%s with the full mask in warp %u, whose lane %u has exited (lane %u reads lane %u)",
+            what, t.warp, lane, t.lane, src);
+  }
   bits = w.slot[src];
   w.barrier->arrive_and_wait();
   T out = value;

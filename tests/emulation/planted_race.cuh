@@ -1,4 +1,4 @@
-// A row-sum kernel in the style of csrc/cuda/layer_norm.cuh (grid-stride over rows, warp
+// A row-centering kernel in the style of csrc/cuda/layer_norm.cuh (grid-stride over rows, warp
 // shuffles, then a block reduction through a __shared__ scratch array), with a switch to leave
 // out either of its two __syncthreads. Test-only: proves that the host emulation run under
 // ThreadSanitizer reports the shared-memory race a missing barrier causes, and nothing when the
@@ -46,15 +46,18 @@ __device__ __forceinline__ float block_sum(float v) {
   return total;
 }
 
-// out[row] = sum of x[row, :]; blockDim.x a multiple of 32.
+// Centers each row: y[row, :] = x[row, :] - mean_out[row], mean_out[row] = mean of x[row, :].
+// Every thread uses the block total (so no thread's read of it can be optimized away).
+// blockDim.x a multiple of 32.
 template <Barriers kBarriers>
-__global__ void row_sum_kernel(const float* __restrict__ x, float* __restrict__ out, int64_t M,
-                               int64_t N) {
+__global__ void row_center_kernel(const float* __restrict__ x, float* __restrict__ y,
+                                  float* __restrict__ mean_out, int64_t M, int64_t N) {
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     float v = 0.f;
     for (int64_t col = threadIdx.x; col < N; col += blockDim.x) v += x[row * N + col];
-    const float total = block_sum<kBarriers>(v);
-    if (threadIdx.x == 0) out[row] = total;
+    const float mean = block_sum<kBarriers>(v) / static_cast<float>(N);
+    if (threadIdx.x == 0) mean_out[row] = mean;
+    for (int64_t col = threadIdx.x; col < N; col += blockDim.x) y[row * N + col] = x[row * N + col] - mean;
   }
 }
 

@@ -1,0 +1,151 @@
+// Test-only torch extension: the CUDA kernels of csrc/cuda/*.cuh, compiled with g++ against the
+// CUDA host emulation (cuda_host_emu.h), registered for CPU tensors under the bertkern_emu
+// namespace with the same schemas as the real ops (csrc/ops.cpp). Each op does what the real
+// CUDA launcher does (argument checks, output allocation, launch plan, special cases), on CPU
+// tensors through emu::launch. Built and loaded by tests/emulation/loader.py.
+//
+// Extra test hook (no counterpart in bertkern):
+//   bertkern_emu::_set_row_block_cap(int cap) -> int   caps the row kernels' grid at `cap`
+//   blocks (0: the real plan) and returns the previous cap, so a small M runs the grid-stride
+//   loop over rows that the GPU only takes for M > 65536.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "layer_norm_common.h"
+#include "layer_norm_emu_launch.h"
+
+namespace {
+
+// The storage types the CUDA kernels are instantiated for.
+template <typename F>
+void dispatch_storage_type(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      return;
+    case at::kHalf:
+      f(c10::Half{});
+      return;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      return;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": the CUDA kernels support float32, float16 and bfloat16, got ", t);
+  }
+}
+
+template <typename T>
+const T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  if (!t) return c10::nullopt;
+  return t->contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& residual_in,
+    const c10::optional<at::Tensor>& weight_in, const c10::optional<at::Tensor>& bias_in, double eps,
+    bool store_residual) {
+  bertkern::check_layer_norm_fwd(x_in, residual_in, weight_in, bias_in, eps);
+  const at::Tensor x = x_in.contiguous();
+  const auto residual = contiguous(residual_in);
+  const auto weight = contiguous(weight_in);
+  const auto bias = contiguous(bias_in);
+  const int64_t N = x.size(-1);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor residual_out =
+      residual && store_residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  const auto stat_options = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty(bertkern::row_shape(x), stat_options);
+  at::Tensor rstd = at::empty(bertkern::row_shape(x), stat_options);
+  dispatch_storage_type(x.scalar_type(), "layer_norm_fwd", [&](auto tag) {
+    using T = decltype(tag);
+    if (M == 0) return;
+    if (N == 0) {  // empty rows: mean 0, variance 0
+      mean.fill_(0.0);
+      rstd.fill_(1.0 / std::sqrt(eps));  // as layer_norm.cu: in double, stored as float
+      return;
+    }
+    emu_layer_norm::fwd<T>(x.data_ptr<T>(), data_or_null<T>(residual), data_or_null<T>(weight),
+                           data_or_null<T>(bias), y.data_ptr<T>(),
+                           residual && store_residual ? residual_out.data_ptr<T>() : nullptr,
+                           mean.data_ptr<float>(), rstd.data_ptr<float>(), M, N,
+                           static_cast<float>(eps));
+  });
+  return {y, residual_out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+    const at::Tensor& dy_in, const c10::optional<at::Tensor>& dresidual_out_in,
+    const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    const c10::optional<at::Tensor>& weight_in, bool has_bias) {
+  bertkern::check_layer_norm_bwd(dy_in, dresidual_out_in, z_in, mean_in, rstd_in, weight_in);
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor dy = dy_in.contiguous();
+  const auto dresidual_out = contiguous(dresidual_out_in);
+  const auto weight = contiguous(weight_in);
+  const at::Tensor mean = mean_in.contiguous();
+  const at::Tensor rstd = rstd_in.contiguous();
+  const int64_t N = z.size(-1);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < z.dim(); ++d) M *= z.size(d);
+
+  at::Tensor dz = at::empty(z.sizes(), z.options());
+  at::Tensor dweight = at::empty({weight ? N : 0}, z.options());
+  at::Tensor dbias = at::empty({has_bias ? N : 0}, z.options());
+  dispatch_storage_type(z.scalar_type(), "layer_norm_bwd", [&](auto tag) {
+    using T = decltype(tag);
+    if (M == 0) {  // sums over no rows
+      dweight.zero_();
+      dbias.zero_();
+      return;
+    }
+    if (N == 0) return;
+    emu_layer_norm::bwd_dz<T>(dy.data_ptr<T>(), data_or_null<T>(dresidual_out), z.data_ptr<T>(),
+                              mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                              data_or_null<T>(weight), dz.data_ptr<T>(), M, N);
+    if (weight || has_bias) {
+      emu_layer_norm::bwd_dwdb<T>(dy.data_ptr<T>(), z.data_ptr<T>(), mean.data_ptr<float>(),
+                                  rstd.data_ptr<float>(), weight ? dweight.data_ptr<T>() : nullptr,
+                                  has_bias ? dbias.data_ptr<T>() : nullptr, M, N);
+    }
+  });
+  return {dz, dweight, dbias};
+}
+
+int64_t set_row_block_cap(int64_t cap) {
+  TORCH_CHECK_VALUE(cap >= 0, "_set_row_block_cap: cap must be >= 0, got ", cap);
+  const int64_t previous = emu_layer_norm::row_block_cap();
+  emu_layer_norm::row_block_cap() = cap;
+  return previous;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bertkern_emu, m) {
+  m.def(
+      "layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+      "bool store_residual) -> (Tensor y, Tensor residual_out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor z, Tensor mean, Tensor rstd, "
+      "Tensor? weight, bool has_bias) -> (Tensor dz, Tensor dweight, Tensor dbias)");
+  m.def("_set_row_block_cap(int cap) -> int", &set_row_block_cap);
+}
+
+TORCH_LIBRARY_IMPL(bertkern_emu, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+}

@@ -1,0 +1,398 @@
+"""The CUDA LayerNorm kernels (csrc/cuda/layer_norm.cuh) run on the CPU through the host emulation
+of the CUDA execution model (tests/emulation/), against the references of tests/reference.py,
+and under ThreadSanitizer. No GPU and no bertkern import needed.
+"""
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from tests.emulation.loader import BUILD_ROOT, CSRC, HERE as EMU_DIR
+from tests.emulation.loader import load_emulated_ops
+from tests.reference import layer_norm_bwd_ref, layer_norm_ref, tolerances
+
+pytestmark = pytest.mark.emulated
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return load_emulated_ops()
+
+
+# (residual, weight, bias, store_residual, dresidual_out)
+OPTIONS = {
+    "plain": (False, False, False, False, False),
+    "affine": (False, True, True, False, False),
+    "residual_stored": (True, True, True, True, True),
+    "residual_not_stored": (True, True, False, False, True),
+    "bias_only_residual": (True, False, True, True, False),
+}
+
+
+def make_inputs(shape, dtype, residual, weight, bias, dresidual, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = (randn(*shape) + offset).to(dtype)
+    res = randn(*shape).to(dtype) if residual else None
+    w = (1 + 0.5 * randn(n)).to(dtype) if weight else None
+    b = randn(n).to(dtype) if bias else None
+    dy = randn(*shape).to(dtype)
+    dres = randn(*shape).to(dtype) if dresidual else None
+    return x, res, w, b, dy, dres
+
+
+def check_fwd_bwd(ops, x, res, w, b, dy, dres, store_residual):
+    """Run the emulated fwd and bwd and compare every output with tests/reference.py."""
+    dtype = x.dtype
+    tol = tolerances(dtype)
+    y, res_out, mean, rstd = ops.layer_norm_fwd(x, res, w, b, EPS, store_residual)
+    y_ref, z_ref, mean_ref, rstd_ref = layer_norm_ref(x, w, b, EPS, res)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert mean.shape == x.shape[:-1] and rstd.shape == x.shape[:-1]
+    assert mean.dtype == torch.float32 and rstd.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(mean, mean_ref, **tolerances(torch.float32))
+    torch.testing.assert_close(rstd, rstd_ref, **tolerances(torch.float32))
+    if res is not None and store_residual:
+        assert res_out.shape == x.shape
+        assert torch.equal(res_out, z_ref), "residual_out must be x + residual rounded once"
+    else:
+        assert res_out.shape == (0,)
+
+    z = res_out if (res is not None and store_residual) else z_ref
+    has_bias = b is not None
+    dz, dw, db = ops.layer_norm_bwd(dy, dres, z, mean, rstd, w, has_bias)
+    dz_ref, dw_ref, db_ref = layer_norm_bwd_ref(dy, z, w, has_bias, EPS, dres)
+    assert dz.shape == z.shape and dz.dtype == dtype
+    torch.testing.assert_close(dz, dz_ref, **tol)
+    if w is not None:
+        torch.testing.assert_close(dw, dw_ref, **tol)
+    else:
+        assert dw.shape == (0,)
+    if has_bias:
+        torch.testing.assert_close(db, db_ref, **tol)
+    else:
+        assert db.shape == (0,)
+    return (y, res_out, mean, rstd), (dz, dw, db)
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("n", [1, 7, 768, 1023, 8192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(ops, dtype, n, options):
+    residual, weight, bias, store, dresidual = OPTIONS[options]
+    m = 2 if n == 8192 else 5
+    x, res, w, b, dy, dres = make_inputs((m, n), dtype, residual, weight, bias, dresidual, seed=n)
+    check_fwd_bwd(ops, x, res, w, b, dy, dres, store)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_3d_and_noncontiguous(ops, dtype):
+    n = 96
+    g = torch.Generator().manual_seed(3)
+    # x, residual and dy are transposed views, weight a strided view, bias contiguous.
+    x = torch.randn(n, 3, 4, generator=g).to(dtype).permute(1, 2, 0)
+    res = torch.randn(4, 3, n, generator=g).to(dtype).transpose(0, 1)
+    dy = torch.randn(n, 3, 4, generator=g).to(dtype).permute(1, 2, 0)
+    dres = torch.randn(3, 4, n, generator=g).to(dtype)
+    w = torch.randn(2 * n, generator=g).to(dtype)[::2]
+    b = torch.randn(n, generator=g).to(dtype)
+    assert not x.is_contiguous() and not res.is_contiguous() and not w.is_contiguous()
+    (y, res_out, mean, rstd), (dz, dw, db) = check_fwd_bwd(ops, x, res, w, b, dy, dres, True)
+    assert y.shape == (3, 4, n) and mean.shape == (3, 4) and dz.shape == (3, 4, n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_pointers_take_the_scalar_path(ops, dtype):
+    # N % VEC == 0 but every tensor starts one element past a 16-byte boundary: VEC = 1.
+    m, n = 4, 256
+
+    def misaligned(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        out = buf[1:].view(t.shape)
+        out.copy_(t)
+        assert out.data_ptr() % 16 != 0
+        return out
+
+    x, res, w, b, dy, dres = make_inputs((m, n), dtype, True, True, True, True, seed=11)
+    x, res, w, b, dy, dres = map(misaligned, (x, res, w, b, dy, dres))
+    check_fwd_bwd(ops, x, res, w, b, dy, dres, True)
+
+
+def test_rows_far_from_zero(ops):
+    # Rows with mean 1000 and spread 1: the Welford merge keeps the variance (a float32
+    # sum / sum-of-squares formula is ~6% off in rstd here). Against a float64 reference; the
+    # remaining y error is float32 rounding of z - mean, as in torch's own float32 layer_norm.
+    x, _, w, b, _, _ = make_inputs((4, 768), torch.float32, False, True, True, False, seed=2,
+                                   offset=1000.0)
+    y, _, mean, rstd = ops.layer_norm_fwd(x, None, w, b, EPS, False)
+    y_ref, _, mean_ref, rstd_ref = layer_norm_ref(x.double(), w.double(), b.double(), EPS)
+    torch.testing.assert_close(rstd.double(), rstd_ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=1e-3)
+
+
+def test_grid_stride_over_rows(ops):
+    # With the grid capped at 3 blocks, each block normalizes several rows and reuses its
+    # shared scratch arrays, as M > 65536 does on the GPU. Rows are independent and each is
+    # reduced in a fixed order, so the results are bitwise those of one block per row.
+    x, res, w, b, dy, dres = make_inputs((10, 200), torch.float32, True, True, True, True, seed=5)
+    full = check_fwd_bwd(ops, x, res, w, b, dy, dres, True)
+    previous = ops._set_row_block_cap(3)
+    try:
+        capped = check_fwd_bwd(ops, x, res, w, b, dy, dres, True)
+    finally:
+        ops._set_row_block_cap(previous)
+    for a, c in zip(full[0] + full[1], capped[0] + capped[1]):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dweight_dbias_over_several_row_chunks(ops, dtype):
+    # M = 300, N = 40: layer_norm_dwdb_plan splits the rows into 10 chunks of 32.
+    x, res, w, b, dy, dres = make_inputs((300, 40), dtype, False, True, True, False, seed=9)
+    check_fwd_bwd(ops, x, res, w, b, dy, dres, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_rows(ops, dtype):
+    for shape in [(0, 64), (2, 0, 64)]:
+        x = torch.randn(shape).to(dtype)
+        w = torch.randn(64).to(dtype)
+        b = torch.randn(64).to(dtype)
+        y, res_out, mean, rstd = ops.layer_norm_fwd(x, x.clone(), w, b, EPS, True)
+        assert y.shape == shape and res_out.shape == shape
+        assert mean.shape == shape[:-1] and rstd.shape == shape[:-1]
+        dz, dw, db = ops.layer_norm_bwd(x, None, x, mean, rstd, w, True)
+        assert dz.shape == shape
+        assert torch.equal(dw, torch.zeros(64, dtype=dtype))
+        assert torch.equal(db, torch.zeros(64, dtype=dtype))
+        dz, dw, db = ops.layer_norm_bwd(x, None, x, mean, rstd, None, False)
+        assert dw.shape == (0,) and db.shape == (0,)
+
+
+def test_zero_columns(ops):
+    x = torch.randn(3, 0)
+    y, res_out, mean, rstd = ops.layer_norm_fwd(x, None, None, None, EPS, False)
+    assert y.shape == (3, 0) and res_out.shape == (0,)
+    assert torch.equal(mean, torch.zeros(3))
+    torch.testing.assert_close(rstd, torch.full((3,), EPS ** -0.5))
+    dz, dw, db = ops.layer_norm_bwd(x, None, x, mean, rstd, torch.randn(0), True)
+    assert dz.shape == (3, 0) and dw.shape == (0,) and db.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_deterministic(ops, dtype):
+    # Thread scheduling differs from run to run; every sum has a fixed order, so the bits don't.
+    x, res, w, b, dy, dres = make_inputs((200, 96), dtype, True, True, True, True, seed=17)
+    fwd1 = ops.layer_norm_fwd(x, res, w, b, EPS, True)
+    fwd2 = ops.layer_norm_fwd(x, res, w, b, EPS, True)
+    for a, c in zip(fwd1, fwd2):
+        assert torch.equal(a, c)
+    _, z, mean, rstd = fwd1
+    bwd1 = ops.layer_norm_bwd(dy, dres, z, mean, rstd, w, True)
+    bwd2 = ops.layer_norm_bwd(dy, dres, z, mean, rstd, w, True)
+    for a, c in zip(bwd1, bwd2):
+        assert torch.equal(a, c)
+
+
+def test_argument_checks(ops):
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError):
+        ops.layer_norm_fwd(x.double(), None, None, None, EPS, False)
+    with pytest.raises(TypeError):
+        ops.layer_norm_fwd(x, None, torch.randn(8, dtype=torch.float16), None, EPS, False)
+    with pytest.raises(ValueError):
+        ops.layer_norm_fwd(x, None, torch.randn(7), None, EPS, False)
+    with pytest.raises(ValueError):
+        ops.layer_norm_fwd(x, torch.randn(2, 7), None, None, EPS, False)
+    y, _, mean, rstd = ops.layer_norm_fwd(x, None, None, None, EPS, False)
+    with pytest.raises(ValueError):
+        ops.layer_norm_bwd(x, None, x, mean[:1], rstd, None, False)
+
+
+# ---- ThreadSanitizer -----------------------------------------------------------------------
+
+TSAN_FLAGS = ["-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread"]
+TSAN_ENV_OPTIONS = "halt_on_error=0 exitcode=66 report_signal_unsafe=0"
+TSAN_EXITCODE = 66
+
+
+def _tsan_sources_digest(extra):
+    """Hash of everything a TSan binary is built from, so unchanged binaries are reused."""
+    h = hashlib.sha256(" ".join(TSAN_FLAGS + extra).encode())
+    files = []
+    for folder, suffixes in ((EMU_DIR, (".h", ".cuh", ".cpp")), (os.path.join(CSRC, "cuda"), (".cuh",))):
+        files += sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(suffixes))
+    for path in files:
+        h.update(path.encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+class Tsan:
+    """Builds TSan binaries (cached by content) and runs them, with `setarch -R` when this
+    kernel's address-space layout needs it."""
+
+    def __init__(self, build_dir, prefix):
+        self.build_dir = build_dir
+        self.prefix = prefix
+
+    def build(self, sources, name, extra=()):
+        extra = list(extra)
+        out = os.path.join(self.build_dir, f"{name}-{_tsan_sources_digest(extra)}")
+        if os.path.exists(out):
+            return None, out
+        tmp = f"{out}.tmp{os.getpid()}"
+        cmd = ["g++", *TSAN_FLAGS, f"-I{EMU_DIR}", f"-I{CSRC}", *extra, *sources, "-o", tmp]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT), out
+
+    @staticmethod
+    def finish(proc, out):
+        if proc is None:
+            return out
+        log = proc.communicate()[0].decode(errors="replace")
+        tmp = f"{out}.tmp{os.getpid()}"
+        assert proc.returncode == 0, f"TSan build of {out} failed:\n{log[-4000:]}"
+        os.replace(tmp, out)
+        # Drop binaries built from older sources.
+        folder, name = os.path.split(out)
+        stem = name.rsplit("-", 1)[0]
+        for other in os.listdir(folder):
+            if other.startswith(stem + "-") and other != name and ".tmp" not in other:
+                try:
+                    os.unlink(os.path.join(folder, other))
+                except OSError:
+                    pass
+        return out
+
+    def run(self, binary, *args, timeout=300, env=None):
+        env = dict(os.environ, **(env or {}), TSAN_OPTIONS=TSAN_ENV_OPTIONS)
+        proc = subprocess.run([*self.prefix, binary, *args], capture_output=True, env=env,
+                              timeout=timeout)
+        return proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+
+
+def _tsan_probe(build_dir):
+    """The TSan runner, or a reason to skip: g++ without libtsan, or a kernel TSan can't run on."""
+    if shutil.which("g++") is None:
+        return None, "g++ not found"
+    src = os.path.join(build_dir, "probe.cpp")
+    exe = os.path.join(build_dir, f"probe{os.getpid()}")
+    with open(src, "w") as f:
+        f.write("#include <thread>\nint main() { std::thread([] {}).join(); }\n")
+    build = subprocess.run(["g++", *TSAN_FLAGS, src, "-o", exe], capture_output=True)
+    if build.returncode != 0:
+        return None, "g++ lacks -fsanitize=thread support: " + build.stderr.decode(errors="replace")[-500:]
+    env = dict(os.environ, TSAN_OPTIONS=TSAN_ENV_OPTIONS)
+    prefixes = [[]]
+    if shutil.which("setarch"):
+        # "FATAL: ThreadSanitizer: unexpected memory mapping" on kernels with high ASLR entropy.
+        prefixes.append(["setarch", platform.machine(), "-R"])
+    failures = []
+    try:
+        for prefix in prefixes:
+            proc = subprocess.run([*prefix, exe], capture_output=True, env=env, timeout=60)
+            err = proc.stderr.decode(errors="replace")
+            if proc.returncode == 0 and "ThreadSanitizer" not in err:
+                return Tsan(build_dir, prefix), None
+            failures.append(f"{' '.join(prefix) or '(plain)'}: rc={proc.returncode} {err[-300:]}")
+    finally:
+        os.unlink(exe)
+    return None, "TSan binaries cannot run here: " + " | ".join(failures)
+
+
+@pytest.fixture(scope="module")
+def tsan_binaries():
+    build_dir = os.path.join(BUILD_ROOT, "tsan")
+    os.makedirs(build_dir, exist_ok=True)
+    tsan, reason = _tsan_probe(build_dir)
+    if tsan is None:
+        pytest.skip(reason)
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    # Build both in parallel (one per core on a 2-core machine).
+    jobs = [
+        tsan.build([os.path.join(EMU_DIR, "tsan_main.cpp")], "tsan_main", [f"-I{torch_include}"]),
+        tsan.build([os.path.join(EMU_DIR, "tsan_planted_race.cpp")], "tsan_planted_race"),
+        tsan.build([os.path.join(EMU_DIR, "emu_selftest.cpp")], "emu_selftest"),
+    ]
+    binaries = [Tsan.finish(proc, out) for proc, out in jobs]
+    for binary in binaries:
+        with open(binary, "rb") as f:
+            assert b"__tsan_init" in f.read(), f"{binary} is not TSan-instrumented"
+    return (tsan, *binaries)
+
+
+def test_tsan_layer_norm_kernels_clean(tsan_binaries):
+    tsan, main_bin, _, _ = tsan_binaries
+    rc, out, err = tsan.run(main_bin)
+    assert "ThreadSanitizer" not in err, f"TSan report on the LayerNorm kernels:\n{err[-8000:]}"
+    assert rc == 0, f"rc={rc}\n{out}\n{err[-4000:]}"
+    lines = out.splitlines()
+    assert lines[-1] == "PASSED: 0 failure(s)", out
+    assert not any(line.startswith("FAIL") for line in lines), out
+    assert sum(line.startswith("ok ") for line in lines) >= 16, out
+
+
+def test_tsan_planted_race_clean_with_barriers(tsan_binaries):
+    tsan, _, race_bin, _ = tsan_binaries
+    rc, out, err = tsan.run(race_bin, "all")
+    assert "ThreadSanitizer" not in err, err[-8000:]
+    assert rc == 0, f"rc={rc}\n{out}\n{err[-4000:]}"
+    assert "checked: 0 wrong rows" in out, out
+
+
+@pytest.mark.parametrize("variant", ["missing_after_write", "missing_before_reuse"])
+def test_tsan_reports_planted_race(tsan_binaries, variant):
+    tsan, _, race_bin, _ = tsan_binaries
+    rc, out, err = tsan.run(race_bin, variant)
+    assert "FATAL" not in err, err[-4000:]
+    assert "unchecked:" in out, f"the kernel did not run to the end:\n{out}\n{err[-4000:]}"
+    assert "WARNING: ThreadSanitizer: data race" in err, f"rc={rc}, TSan missed the race:\n{err[-4000:]}"
+    assert "planted_race.cuh" in err, err[-4000:]
+    assert rc == TSAN_EXITCODE, rc
+
+
+def test_emulation_selftest(tsan_binaries):
+    # Shuffle semantics (xor / up / down / idx, widths), index mapping, early exit, under TSan.
+    tsan, _, _, selftest_bin = tsan_binaries
+    rc, out, err = tsan.run(selftest_bin)
+    assert "ThreadSanitizer" not in err, err[-8000:]
+    assert rc == 0 and out.splitlines()[-1] == "PASSED: 0 failure(s)", f"rc={rc}\n{out}\n{err[-4000:]}"
+
+
+@pytest.mark.parametrize(
+    "misuse, message",
+    [
+        ("divergent_syncthreads", "divergent __syncthreads"),
+        ("shuffle_exited_lane", "has exited"),
+        ("shuffle_with_exited_lanes", "has exited"),
+        ("partial_warp_shuffle", "which has only 16 threads"),
+        ("partial_mask", "only the full mask"),
+        ("hang", "did not finish in 1 s"),
+    ],
+)
+def test_emulation_refuses_misuse(tsan_binaries, misuse, message):
+    # What is undefined behaviour (or a hang) on the GPU is a fatal error in the emulation.
+    tsan, _, _, selftest_bin = tsan_binaries
+    env = {"CUDA_HOST_EMU_TIMEOUT_S": "1" if misuse == "hang" else "120"}
+    rc, out, err = tsan.run(selftest_bin, misuse, env=env)
+    assert "was not caught" not in out, out
+    assert rc != 0, f"{misuse}: rc=0\n{out}\n{err[-4000:]}"
+    assert "cuda_host_emu: fatal: " in err and message in err, err[-4000:]
+
+
+def test_emulation_rejects_invalid_launch_configuration(tsan_binaries):
+    tsan, _, _, selftest_bin = tsan_binaries
+    rc, out, err = tsan.run(selftest_bin, "bad_config")
+    assert rc == 0 and "PASSED bad_config" in out, f"rc={rc}\n{out}\n{err[-4000:]}"

@@ -25,4 +25,26 @@ TORCH_LIBRARY(bertkern, m) {
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor z, Tensor mean, Tensor rstd, "
       "Tensor? weight, bool has_bias) -> (Tensor dz, Tensor dweight, Tensor dbias)");
+
+  // Key-padding masking (True = padding, torch's convention).
+  //   key_padding_mask (B, S) bool -> indices (T,) int64 flat positions b*S+s of the real
+  //   tokens in row-major order, cu_seqlens (B+1,) int32, max_seqlen. T is data-dependent.
+  m.def("mask_to_indices(Tensor key_padding_mask) -> (Tensor indices, Tensor cu_seqlens, SymInt max_seqlen)");
+  // x (R, *F) -> (T, *F): out[t] = x[indices[t]] (unpad).
+  m.def("gather_rows(Tensor x, Tensor indices) -> Tensor");
+  // x_packed (T, *F) -> (n_rows, *F) zeros with out[indices[t]] = x_packed[t] (pad). indices unique.
+  m.def("scatter_rows(Tensor x_packed, Tensor indices, SymInt n_rows) -> Tensor");
+
+  // Varlen scaled-dot-product attention on packed tokens (C++ CPU kernel; the CUDA path is the
+  // Triton op bertkern::attention_triton_fwd/bwd defined in Python, bertkern/ops/attention.py).
+  //   q, k, v: (T, H, D); cu_seqlens (B+1,) int32; out (T, H, D); lse (H, T) float32
+  //   (float64 for float64), the natural-log logsumexp of each query's scaled scores.
+  //   dropout_seed: int64 (1,) on q's device when dropout_p > 0 (Philox, see attention.cpp).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
+      "float scale, bool causal, float dropout_p, Tensor? dropout_seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens, SymInt max_seqlen, float scale, bool causal, float dropout_p, "
+      "Tensor? dropout_seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

@@ -53,3 +53,108 @@ def layer_norm_bwd_ref(dy, z, weight=None, has_bias=False, eps=1e-5, dresidual_o
     dw = w.grad.to(z.dtype) if w is not None else None
     db = b.grad.to(z.dtype) if b is not None else None
     return dz.to(z.dtype), dw, db
+
+
+def unpad_ref(x, key_padding_mask):
+    """(B, S, *F) + mask (True = padding) -> (x_packed, indices, cu_seqlens, max_seqlen), by
+    boolean indexing and cumsum."""
+    batch, seqlen = key_padding_mask.shape
+    keep = ~key_padding_mask.reshape(-1)
+    indices = torch.arange(batch * seqlen, device=x.device)[keep]
+    lengths = (~key_padding_mask).sum(1)
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=x.device)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    max_seqlen = int(lengths.max()) if batch else 0
+    return x.reshape(batch * seqlen, *x.shape[2:])[keep], indices, cu_seqlens, max_seqlen
+
+
+def pad_ref(x_packed, indices, batch, seqlen):
+    """(T, *F) -> (B, S, *F) with zeros at padded positions, by index_put."""
+    out = x_packed.new_zeros((batch * seqlen, *x_packed.shape[1:]))
+    out[indices] = x_packed
+    return out.reshape(batch, seqlen, *x_packed.shape[1:])
+
+
+# --- Attention (varlen, causal, dropout) -------------------------------------------------------
+
+def philox_uniform_ref(seed, counters):
+    """numpy twin of Triton's ``tl.rand(seed, counters)`` for int32 counters: Philox4x32 with
+    10 rounds on (c0, 0, 0, 0) with key (seed low 32 bits, seed high 32 bits); output word 0 as
+    int32, negatives bit-flipped, times 4.6566127342e-10 in float32. Returns a float32 array."""
+    import numpy as np
+
+    mask32 = np.uint64(0xFFFFFFFF)
+    c0 = np.asarray(counters, dtype=np.int64).astype(np.uint32).astype(np.uint64)
+    c1 = np.zeros_like(c0)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0 = np.uint64(int(seed) & 0xFFFFFFFF)
+    k1 = np.uint64((int(seed) >> 32) & 0xFFFFFFFF)
+    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    key_a, key_b = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+    for _ in range(10):
+        prod_b = round_b * c2  # < 2^64: exact in uint64
+        prod_a = round_a * c0
+        c0 = ((prod_b >> np.uint64(32)) ^ c1 ^ k0) & mask32
+        c2 = ((prod_a >> np.uint64(32)) ^ c3 ^ k1) & mask32
+        c1 = prod_b & mask32
+        c3 = prod_a & mask32
+        k0 = (k0 + key_a) & mask32
+        k1 = (k1 + key_b) & mask32
+    x = c0.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+def attention_dropout_keep_ref(seed, cu_seqlens, num_heads, max_seqlen, dropout_p):
+    """The dropout keep masks bertkern's attention kernels generate, one (H, L, L) bool tensor
+    per sequence (L its length): for sequence b, head h, local query i, key j,
+    keep = philox_uniform_ref(seed + b * H + h, i * max_seqlen + j) >= float32(dropout_p)."""
+    import numpy as np
+
+    cu = [int(c) for c in cu_seqlens]
+    masks = []
+    for b in range(len(cu) - 1):
+        n = cu[b + 1] - cu[b]
+        i = np.arange(n, dtype=np.int64)[:, None]
+        j = np.arange(n, dtype=np.int64)[None, :]
+        counters = i * max_seqlen + j
+        heads = [
+            philox_uniform_ref(int(seed) + b * num_heads + h, counters) >= np.float32(dropout_p)
+            for h in range(num_heads)
+        ]
+        masks.append(torch.from_numpy(np.stack(heads)) if heads else torch.zeros(0, n, n, dtype=torch.bool))
+    return masks
+
+
+def attention_varlen_ref(q, k, v, cu_seqlens, scale, causal=False, dropout_masks=None, dropout_p=0.0,
+                         upcast=True):
+    """Packed varlen attention, one sequence at a time, by plain matmul + softmax.
+
+    q, k, v: (T, H, D); cu_seqlens (B + 1,). causal masks key j > query i (local indices).
+    dropout_masks: per-sequence (H, L, L) bool keep masks (attention_dropout_keep_ref), applied
+    to the softmax output with kept entries scaled by 1 / (1 - dropout_p).
+    upcast=True computes in float64; upcast=False in q's dtype (the "same computation in the low
+    dtype" of FlashAttention's error bound). Differentiable in q, k, v.
+    Returns (out (T, H, D), lse (H, T)) in the compute dtype.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    cu = [int(c) for c in cu_seqlens]
+    outs, lses = [], []
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        qb, kb, vb = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
+        scores = (qb @ kb.transpose(-1, -2)) * scale
+        if causal:
+            future = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        lses.append(torch.logsumexp(scores, -1) if e > s else scores.new_zeros(q.shape[1], 0))
+        probs = torch.softmax(scores, -1)
+        if dropout_masks is not None and dropout_p > 0:
+            keep = dropout_masks[b].to(q.device)
+            probs = probs * keep.to(dtype) * (0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p))
+        outs.append((probs @ vb).transpose(0, 1))
+    out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+    lse = torch.cat(lses, 1) if lses else q.new_zeros(q.shape[1], 0)
+    return out, lse

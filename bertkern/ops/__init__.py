@@ -1,4 +1,21 @@
-"""Public functional API: thin wrappers over the ``torch.ops.bertkern`` operators."""
-from bertkern.ops.layer_norm import layer_norm
+"""Public functional API: thin wrappers over the ``torch.ops.bertkern`` operators.
 
-__all__ = ["layer_norm"]
+Mask convention everywhere: ``key_padding_mask[b, s] = True`` means padding (torch's).
+"""
+from bertkern.ops.layer_norm import layer_norm
+from bertkern.ops.padding import (
+    key_padding_mask_from_attention_mask,
+    key_padding_mask_from_lengths,
+    mask_to_indices,
+    pad,
+    unpad,
+)
+
+__all__ = [
+    "layer_norm",
+    "unpad",
+    "pad",
+    "mask_to_indices",
+    "key_padding_mask_from_lengths",
+    "key_padding_mask_from_attention_mask",
+]

@@ -11,13 +11,11 @@
 
 #include <cstdint>
 
+#include "cuda/common.cuh"
+
 namespace bertkern {
 namespace cuda {
 
-constexpr int kWarpSize = 32;
-constexpr int kMaxThreads = 1024;
-constexpr int kMaxWarps = kMaxThreads / kWarpSize;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- Launch shapes, shared by the launcher (layer_norm.cu) and the host emulation ----------
 
@@ -67,12 +65,6 @@ inline DwDbPlan layer_norm_dwdb_plan(int64_t M, int64_t N) {
 constexpr int kFinalThreads = 256;  // stage 2: one thread per column
 
 // ---- Device code -------------------------------------------------------------------------
-
-// VEC elements of T loaded or stored as one instruction (16 bytes when VEC * sizeof(T) == 16).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 // Welford state: running mean and sum of squared deviations of `count` values. Merging with
 // Chan's formula keeps the variance exact for rows whose mean is large relative to their spread

@@ -16,6 +16,16 @@
 //     value to a per-warp slot array, waits at a per-warp barrier, reads the source lane's slot
 //     and waits at the per-warp barrier again (so the slots can be reused). A full-mask shuffle
 //     in a warp with fewer than 32 threads, or with a lane that has returned, is a fatal error.
+//   * Device-side checks: EMU_DEVICE_CHECK(cond, what) (and BERTKERN_DEVICE_CHECK, which this
+//     header defines as EMU_DEVICE_CHECK, so include it before any csrc/cuda header) is the
+//     emulation's `if (!cond) { printf(...); __trap(); }`. A failing thread records the failure
+//     (the first one of the launch wins, with `what`, the condition, its file:line and the
+//     block / thread) and leaves the kernel at once, so it never runs the code the check guards.
+//     As __trap() ends the whole grid, the other threads then leave the kernel at their next
+//     __syncthreads / __syncwarp / shuffle, and no further block starts. Exited threads count as
+//     arrived at every barrier (as above), so nothing hangs. When the launch is over,
+//     emu::launch throws emu::DeviceCheckError (a std::runtime_error) with the recorded message;
+//     on the GPU the launch fails and the next CUDA call reports the error.
 //   * A launch that does not finish within CUDA_HOST_EMU_TIMEOUT_S seconds (default 600; a
 //     hang is how a shuffle or barrier reached by only part of its threads shows up) aborts
 //     the process with a message.
@@ -41,6 +51,7 @@
 //   __shfl_sync / __shfl_xor_sync / __shfl_up_sync / __shfl_down_sync(mask, v, lane, width)
 //   for trivially copyable v of at most 8 bytes, with the full mask 0xffffffff, all 32 lanes
 //   of the warp present in the block and all of them executing the same shuffle.
+//   EMU_DEVICE_CHECK / BERTKERN_DEVICE_CHECK(cond, what) (see above).
 //   Kernels and device functions defined in headers must be templates or __forceinline__ (as
 //   with nvcc; the keywords expand to nothing here). Not supported: atomics, dynamic shared
 //   memory, cooperative groups, streams/events, launches from inside a kernel. Launches from
@@ -118,10 +129,23 @@ inline thread_local dim3 blockDim{1, 1, 1};
 inline thread_local dim3 gridDim{1, 1, 1};
 
 namespace emu {
+
+// Thrown by emu::launch after a launch in which a device-side check failed (the first failure's
+// message: what, condition, file:line, block and thread).
+class DeviceCheckError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 namespace detail {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// Unwinds a thread out of its kernel after a failed device-side check (the emulation's __trap):
+// thrown by device_check_failed and by the barriers / shuffles of the other threads, caught by
+// emu::launch around each kernel call.
+struct Trap {};
 
 // Prints the first fatal error of the process and aborts; a second thread failing at the same
 // time blocks here until the abort.
@@ -247,6 +271,14 @@ struct LaunchState {
       for (unsigned t = 0; t < n_threads; ++t) records[parity][t] = SyncRecord{UINT64_MAX, "", 0, 0};
   }
 
+  // Set by the first failed device-side check (the grid is aborted); failure says why. The
+  // failing thread stores `trapped` (release) before it leaves the barriers, so a thread that
+  // meets an exited lane or thread at a barrier of the same launch sees it (acquire).
+  bool is_trapped() const noexcept { return trapped.load(std::memory_order_acquire); }
+  std::atomic<bool> trapped{false};
+  std::mutex failure_mutex;
+  std::string failure;
+
   const dim3 grid, block;
   const unsigned n_threads, n_warps;
   std::optional<Barrier> block_barrier;
@@ -279,6 +311,7 @@ inline void sync_block(const std::source_location& loc) {
   SyncRecord* recs = L.records[phase & 1].get();
   recs[t.tid] = SyncRecord{phase, loc.file_name(), loc.line(), loc.column()};
   L.block_barrier->arrive_and_wait();
+  if (L.is_trapped()) throw Trap{};  // the grid was aborted by a failed device-side check
   // Every thread checks its neighbour: if the threads at this barrier are not all at the same
   // __syncthreads, some pair of neighbours differs. A neighbour that has exited has an older
   // phase in its record and is skipped. Its record for this parity is rewritten only two
@@ -320,6 +353,8 @@ T exchange(ThreadState& t, WarpState& w, T value, unsigned src, const char* what
   std::memcpy(&bits, &value, sizeof(T));
   w.slot[t.lane] = bits;
   w.barrier->arrive_and_wait();
+  // A lane that left after a failed device-side check is no misuse: the grid is aborted.
+  if (t.launch->is_trapped()) throw Trap{};
   // The full mask names every lane: all must be here (none may have returned).
   for (unsigned lane = 0; lane < kWarpSize; ++lane) {
     if (w.exited[lane])
@@ -362,11 +397,32 @@ struct EndOfBlock {
   void operator()() noexcept { launch->begin_block(); }
 };
 
+// A device-side check failed in the calling kernel thread: record it (the first failure of the
+// launch wins) and leave the kernel.
+[[noreturn]] inline void device_check_failed(const char* what, const char* cond, const char* file,
+                                             unsigned line) {
+  ThreadState& t = this_thread("a device-side check");
+  LaunchState& L = *t.launch;
+  {
+    std::lock_guard<std::mutex> lock(L.failure_mutex);
+    if (L.failure.empty()) {
+      char where[160];
+      std::snprintf(where, sizeof where, " in block (%u,%u,%u) thread (%u,%u,%u)", blockIdx.x,
+                    blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+      L.failure = std::string("device-side check failed: ") + what + " (" + cond + ") at " +
+                  file + ":" + std::to_string(line) + where;
+    }
+  }
+  L.trapped.store(true, std::memory_order_release);
+  throw Trap{};
+}
+
 }  // namespace detail
 
 // Runs kernel(args...) in every thread of every block of a (grid, block) launch and returns
 // when all are done (a synchronous launch). Throws std::invalid_argument for a configuration
-// CUDA would reject.
+// CUDA would reject, and emu::DeviceCheckError (after every thread has stopped) when a
+// device-side check failed in the launch.
 template <typename Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
   detail::validate_launch(grid, block);
@@ -394,7 +450,15 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
                        static_cast<unsigned>((b / grid.x) % grid.y),
                        static_cast<unsigned>(b / (static_cast<std::uint64_t>(grid.x) * grid.y))};
       ts.sync_phase = 0;
-      std::apply(kernel, params);
+      // After a failed device-side check no further block runs (a thread that reads the flag
+      // late may still skip the block it is at: the same as an early return).
+      if (!state.is_trapped()) {
+        try {
+          std::apply(kernel, params);
+        } catch (const detail::Trap&) {
+          // left the kernel after a failed device-side check: an exited thread from here on
+        }
+      }
       // This thread is done with the block: it no longer holds up the block's barriers.
       detail::WarpState& w = state.warps[ts.warp];
       w.exited[ts.lane] = true;
@@ -430,9 +494,23 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
     }
   }
   for (auto& th : threads) th.join();
+  if (state.is_trapped()) throw DeviceCheckError("emu::launch: " + state.failure);
 }
 
 }  // namespace emu
+
+// The emulation's device-side check (nvcc: `if (!(cond)) { printf(...); __trap(); }`).
+#define EMU_DEVICE_CHECK(cond, what)                                              \
+  do {                                                                            \
+    if (!(cond)) ::emu::detail::device_check_failed((what), #cond, __FILE__, __LINE__); \
+  } while (0)
+
+// Kernel headers (csrc/cuda/*.cuh) define BERTKERN_DEVICE_CHECK only when it is not defined yet;
+// their host-compiler fallback is a no-op, so this must come first.
+#if defined(BERTKERN_DEVICE_CHECK)
+#error "BERTKERN_DEVICE_CHECK is already defined: include cuda_host_emu.h before csrc/cuda headers"
+#endif
+#define BERTKERN_DEVICE_CHECK(cond, what) EMU_DEVICE_CHECK(cond, what)
 
 // ---- Device builtins ------------------------------------------------------------------------
 
@@ -444,6 +522,7 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   emu::detail::ThreadState& t = emu::detail::this_thread("__syncwarp");
   if (mask != emu::detail::kFullMask) emu::detail::fatal("__syncwarp: only the full mask is supported");
   t.launch->warps[t.warp].barrier->arrive_and_wait();
+  if (t.launch->is_trapped()) throw emu::detail::Trap{};
 }
 
 template <typename T>

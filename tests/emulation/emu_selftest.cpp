@@ -1,5 +1,6 @@
 // Self-test of the CUDA host emulation (cuda_host_emu.h): index mapping, shuffle semantics
-// (incl. width), barriers with exited threads, and the misuses it must refuse. No torch.
+// (incl. width), barriers with exited threads, device-side checks (a failure aborts the grid
+// and makes emu::launch throw emu::DeviceCheckError), and the misuses it must refuse. No torch.
 // tests/test_emulated_layer_norm.py builds it with -fsanitize=thread and runs:
 //   emu_selftest                 semantics checks; prints "PASSED" and exits 0
 //   emu_selftest <misuse>        must abort with "cuda_host_emu: fatal: ..." (or, for
@@ -7,6 +8,7 @@
 // misuses: divergent_syncthreads, shuffle_exited_lane, shuffle_with_exited_lanes,
 //          partial_warp_shuffle, partial_mask,
 //          hang (CUDA_HOST_EMU_TIMEOUT_S=1 expected), bad_config
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
@@ -123,6 +125,85 @@ void check_early_exit() {
   expect(ok, "early exit");
 }
 
+// ---- device-side checks
+// Thread `bad_thread` of block `bad_block` fails its check after writing its shared slot and
+// before the barrier; the rest of that block leaves at the barrier, no later block runs.
+__global__ void trap_kernel(int* out, unsigned bad_block, unsigned bad_thread) {
+  __shared__ int vals[64];
+  vals[threadIdx.x] = static_cast<int>(threadIdx.x);
+  BERTKERN_DEVICE_CHECK(!(blockIdx.x == bad_block && threadIdx.x == bad_thread), "planted failure");
+  __syncthreads();
+  const int v = __shfl_xor_sync(0xffffffffu, vals[(threadIdx.x + 1) % 64], 1);
+  __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = v;
+}
+
+// Lane 5 of warp 0 fails before a full-mask shuffle: its warp leaves at the shuffle (an aborted
+// grid, not a shuffle with an exited lane).
+__global__ void trap_before_shuffle_kernel(int* out) {
+  EMU_DEVICE_CHECK(threadIdx.x != 5, "lane 5");
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 5);
+  __syncwarp();
+}
+
+// Every thread fails: one message, from one of them.
+__global__ void trap_everywhere_kernel(int* out) {
+  EMU_DEVICE_CHECK(out == nullptr, "every thread");
+  out[threadIdx.x] = 1;
+}
+
+template <typename F>
+bool throws_device_check(F&& f, const char* expect_in_message) {
+  try {
+    f();
+  } catch (const emu::DeviceCheckError& e) {
+    const bool ok = std::strstr(e.what(), expect_in_message) != nullptr;
+    if (!ok) std::printf("unexpected message: %s\n", e.what());
+    return ok;
+  }
+  return false;
+}
+
+void check_device_checks() {
+  std::vector<int> out(4 * 64, -1);
+  // No failure: an ordinary launch.
+  emu::launch(dim3(4), dim3(64), trap_kernel, out.data(), 99u, 99u);
+  bool ok = true;
+  for (int i = 0; i < 4 * 64; ++i) ok = ok && out[i] == (((i % 64) ^ 1) + 1) % 64;
+  expect(ok, "device check: passing checks change nothing");
+
+  std::fill(out.begin(), out.end(), -1);
+  ok = throws_device_check([&] { emu::launch(dim3(4), dim3(64), trap_kernel, out.data(), 1u, 37u); },
+                           "device-side check failed: planted failure (!(blockIdx.x == bad_block && "
+                           "threadIdx.x == bad_thread)) at ");
+  expect(ok, "device check: failure reported with its message");
+  ok = throws_device_check([&] { emu::launch(dim3(4), dim3(64), trap_kernel, out.data(), 1u, 37u); },
+                           "in block (1,0,0) thread (37,0,0)");
+  expect(ok, "device check: failure names its block and thread");
+  bool rest = true;
+  for (int i = 0; i < 64; ++i) rest = rest && out[i] == ((i ^ 1) + 1) % 64;  // block 0 ran
+  for (int i = 64; i < 4 * 64; ++i) rest = rest && out[i] == -1;  // aborted from block 1 on
+  expect(rest, "device check: the failing block stops at its barrier, no later block runs");
+
+  std::fill(out.begin(), out.end(), -1);
+  ok = throws_device_check([&] { emu::launch(dim3(2), dim3(64), trap_before_shuffle_kernel, out.data()); },
+                           "lane 5");
+  bool warp0 = true;
+  for (int i = 0; i < 32; ++i) warp0 = warp0 && out[i] == -1;
+  expect(ok && warp0, "device check: a failed lane aborts its warp's shuffle");
+
+  ok = throws_device_check([&] { emu::launch(dim3(3), dim3(32, 4), trap_everywhere_kernel, out.data()); },
+                           "every thread (out == nullptr)");
+  expect(ok, "device check: many failures, one error");
+
+  // The next launch starts clean.
+  std::fill(out.begin(), out.end(), -1);
+  emu::launch(dim3(4), dim3(64), trap_kernel, out.data(), 99u, 99u);
+  ok = true;
+  for (int i = 0; i < 4 * 64; ++i) ok = ok && out[i] == (((i % 64) ^ 1) + 1) % 64;
+  expect(ok, "device check: a launch after a failed one runs normally");
+}
+
 // ---- misuses
 __global__ void divergent_kernel() {
   if (threadIdx.x < 16) {
@@ -165,6 +246,7 @@ int main(int argc, char** argv) {
     check_shuffles();
     check_indices();
     check_early_exit();
+    check_device_checks();
     std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
     return failures ? 1 : 0;
   }

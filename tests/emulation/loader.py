@@ -20,7 +20,7 @@ CSRC = os.path.join(REPO_ROOT, "csrc")
 BUILD_ROOT = os.path.join(HERE, "_build")
 
 # Translation units of the extension. Kernels for more ops: add their launcher .cpp here.
-SOURCES = [os.path.join(HERE, "emulated_ops.cpp")]
+SOURCES = [os.path.join(HERE, "emulated_ops.cpp"), os.path.join(HERE, "emulated_padding.cpp")]
 EXTRA_CFLAGS = ["-O2", "-std=c++20"]
 INCLUDE_PATHS = [CSRC, HERE]
 EXTENSION_NAME = "bertkern_emu_ops"

@@ -1,0 +1,160 @@
+"""Key-padding masking: unpad / pad, mask -> indices / cu_seqlens, and mask-convention helpers.
+
+Mask convention (torch's): ``key_padding_mask[b, s] = True`` means position s of sequence b
+is padding. HF's ``attention_mask`` (1 = keep) is the opposite: convert it with
+:func:`key_padding_mask_from_attention_mask`.
+
+Kernels: ``torch.ops.bertkern.mask_to_indices / gather_rows / scatter_rows`` (C++ on CPU in
+csrc/cpu/padding.cpp, CUDA C++ in csrc/cuda/padding.{cuh,cu}).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _check_mask(x, key_padding_mask):
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a Tensor, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = padding), got dtype {key_padding_mask.dtype}; "
+            "for HF's attention_mask (1 = keep) use key_padding_mask_from_attention_mask()"
+        )
+    if key_padding_mask.dim() != 2:
+        raise ValueError(f"key_padding_mask must have shape (B, S), got {tuple(key_padding_mask.shape)}")
+    if x is not None:
+        if x.dim() < 2 or tuple(x.shape[:2]) != tuple(key_padding_mask.shape):
+            raise ValueError(
+                f"unpad: x has shape {tuple(x.shape)} but key_padding_mask has shape "
+                f"{tuple(key_padding_mask.shape)}; expected x of shape (B, S, *features)"
+            )
+        if x.device != key_padding_mask.device:
+            raise ValueError(f"unpad: key_padding_mask is on {key_padding_mask.device} but x is on {x.device}")
+
+
+def _check_indices(indices, x, op, x_name):
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
+        raise TypeError(f"{op}: indices must be an int64 tensor, got {getattr(indices, 'dtype', type(indices))}")
+    if indices.dim() != 1:
+        raise ValueError(f"{op}: indices must be 1-D (T,), got shape {tuple(indices.shape)}")
+    if indices.device != x.device:
+        raise ValueError(f"{op}: indices is on {indices.device} but {x_name} is on {x.device}")
+
+
+def unpad(x: torch.Tensor, key_padding_mask: torch.Tensor):
+    """Remove padding: keep the real tokens of a padded batch, packed in row-major order.
+
+    Args:
+        x: (B, S, *features), any dtype.
+        key_padding_mask: (B, S) bool, True = padding.
+
+    Returns:
+        (x_packed, indices, cu_seqlens, max_seqlen): x_packed (T, *features) the real tokens;
+        indices (T,) int64 their flat positions b * S + s; cu_seqlens (B + 1,) int32 cumulative
+        real lengths starting at 0; max_seqlen a Python int (a SymInt under torch.compile).
+        Differentiable in x (the backward scatters into zeros).
+    """
+    _check_mask(x, key_padding_mask)
+    indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
+    batch, seqlen = key_padding_mask.shape
+    x_packed = torch.ops.bertkern.gather_rows(x.reshape(batch * seqlen, *x.shape[2:]), indices)
+    return x_packed, indices, cu_seqlens, max_seqlen
+
+
+def pad(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Put padding back: (T, *features) -> (batch, seqlen, *features), zeros at padded positions.
+
+    ``indices`` are the flat positions b * seqlen + s from :func:`unpad` (unique, in
+    [0, batch * seqlen)); out-of-range indices raise (CPU) or trap on a device-side check (CUDA).
+    Differentiable in x_packed (the backward gathers).
+    """
+    if not isinstance(x_packed, torch.Tensor) or x_packed.dim() < 1:
+        raise ValueError("pad: x_packed must be a tensor of shape (T, *features)")
+    _check_indices(indices, x_packed, "pad", "x_packed")
+    if x_packed.shape[0] != indices.shape[0]:
+        raise ValueError(f"pad: x_packed has {x_packed.shape[0]} rows but indices has {indices.shape[0]} entries")
+    if batch < 0 or seqlen < 0:
+        raise ValueError(f"pad: batch and seqlen must be >= 0, got {batch}, {seqlen}")
+    out = torch.ops.bertkern.scatter_rows(x_packed, indices, batch * seqlen)
+    return out.reshape(batch, seqlen, *x_packed.shape[1:])
+
+
+def mask_to_indices(key_padding_mask: torch.Tensor):
+    """(B, S) bool mask, True = padding -> (indices (T,) int64, cu_seqlens (B+1,) int32, max_seqlen)."""
+    _check_mask(None, key_padding_mask)
+    return torch.ops.bertkern.mask_to_indices(key_padding_mask)
+
+
+def key_padding_mask_from_lengths(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """Lengths (B,) -> key_padding_mask (B, max_len) bool, True = padding (positions >= length)."""
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point():
+        raise TypeError("key_padding_mask_from_lengths: lengths must be a 1-D integer tensor (B,)")
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError("key_padding_mask_from_lengths: lengths must be >= 0")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_len is None:
+        max_len = longest
+    elif max_len < longest:
+        raise ValueError(f"key_padding_mask_from_lengths: max_len={max_len} < the longest length {longest}")
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions.unsqueeze(0) >= lengths.unsqueeze(1)
+
+
+def key_padding_mask_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """HF's attention_mask (B, S), 1 = keep / 0 = padding -> key_padding_mask, True = padding."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError("key_padding_mask_from_attention_mask: attention_mask must have shape (B, S)")
+    return attention_mask == 0
+
+
+# ---- fakes ------------------------------------------------------------------------------------
+
+@torch.library.register_fake("bertkern::mask_to_indices")
+def _mask_to_indices_fake(key_padding_mask):
+    _check_mask(None, key_padding_mask)
+    ctx = torch.library.get_ctx()
+    batch, seqlen = key_padding_mask.shape
+    total = ctx.new_dynamic_size()  # T, the number of real tokens: known only from the data
+    max_seqlen = ctx.new_dynamic_size()
+    indices = key_padding_mask.new_empty((total,), dtype=torch.int64)
+    cu_seqlens = key_padding_mask.new_empty((batch + 1,), dtype=torch.int32)
+    return indices, cu_seqlens, max_seqlen
+
+
+@torch.library.register_fake("bertkern::gather_rows")
+def _gather_rows_fake(x, indices):
+    _check_indices(indices, x, "gather_rows", "x")
+    return x.new_empty((indices.shape[0], *x.shape[1:]))
+
+
+@torch.library.register_fake("bertkern::scatter_rows")
+def _scatter_rows_fake(x_packed, indices, n_rows):
+    _check_indices(indices, x_packed, "scatter_rows", "x_packed")
+    return x_packed.new_empty((n_rows, *x_packed.shape[1:]))
+
+
+# ---- autograd: gather and scatter are each other's backward ------------------------------------
+
+def _gather_setup(ctx, inputs, output):
+    x, indices = inputs
+    ctx.n_rows = x.shape[0]
+    ctx.save_for_backward(indices)
+
+
+def _gather_backward(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    return torch.ops.bertkern.scatter_rows(grad, indices, ctx.n_rows), None
+
+
+def _scatter_setup(ctx, inputs, output):
+    _, indices, _ = inputs
+    ctx.save_for_backward(indices)
+
+
+def _scatter_backward(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    return torch.ops.bertkern.gather_rows(grad, indices), None, None
+
+
+torch.library.register_autograd("bertkern::gather_rows", _gather_backward, setup_context=_gather_setup)
+torch.library.register_autograd("bertkern::scatter_rows", _scatter_backward, setup_context=_scatter_setup)

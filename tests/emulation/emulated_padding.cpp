@@ -1,0 +1,135 @@
+// Test-only torch extension, part 2: the key-padding CUDA kernels of csrc/cuda/padding.cuh,
+// compiled with g++ against the CUDA host emulation and registered for CPU tensors under
+// bertkern_emu with the same schemas as the real ops (csrc/ops.cpp). Each op does what the CUDA
+// launcher csrc/cuda/padding.cu does (argument checks from padding_common.h, output allocation,
+// special cases, launch plan: padding_emu_launch.h) on CPU tensors through emu::launch. Indices
+// are NOT range-checked on the host (padding.cu does not either): an out-of-range index fails
+// the kernels' device-side check, and the op raises IndexError with its message.
+//
+// Extra test hooks (no counterpart in bertkern):
+//   bertkern_emu::_set_padding_block_cap(int cap) -> int   caps every padding kernel's grid at
+//     `cap` blocks (0: the real plan), returns the previous cap: small inputs then run the
+//     grid-stride loops over sequences and rows.
+//   bertkern_emu::_padding_last_row_copy() -> int[]   [unit_bytes, VEC, threads_x, rows_y,
+//     blocks] of the last gather_rows / scatter_rows launch ([0, 0, 0, 0, 0]: it launched
+//     nothing), so tests can see which copy path ran.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "padding_common.h"
+#include "padding_emu_launch.h"
+
+namespace {
+
+std::mutex last_copy_mutex;
+std::vector<int64_t> last_copy(5, 0);
+
+void record_copy(const emu_padding::RowCopyInfo& info) {
+  std::lock_guard<std::mutex> lock(last_copy_mutex);
+  last_copy = {info.unit_bytes, info.vec, info.plan.threads_x, info.plan.rows_y, info.plan.blocks};
+}
+
+// Runs an emulated launch sequence and turns the GPU-side failures into Python errors: a failed
+// device-side check -> IndexError (the only checks are index ranges), a misaligned pack access
+// -> RuntimeError (as the CUDA error would be).
+template <typename F>
+auto run_emulated(const char* op, F&& f) {
+  try {
+    return f();
+  } catch (const emu::DeviceCheckError& e) {
+    TORCH_CHECK_INDEX(false, op, ": ", e.what());
+  } catch (const emu_padding::MisalignedAddress& e) {
+    TORCH_CHECK(false, op, ": CUDA error: ", e.what());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, c10::SymInt> mask_to_indices(const at::Tensor& mask_in) {
+  bertkern::check_key_padding_mask(mask_in);
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t B = mask.size(0), S = mask.size(1);
+  at::Tensor cu_seqlens = at::empty({B + 1}, mask.options().dtype(at::kInt));
+  const bool* m = mask.data_ptr<bool>();
+  const emu_padding::MaskStats stats = run_emulated("mask_to_indices", [&] {
+    return emu_padding::mask_lengths(m, cu_seqlens.data_ptr<int32_t>(), B, S);
+  });
+  at::Tensor indices = at::empty({stats.total}, mask.options().dtype(at::kLong));
+  run_emulated("mask_to_indices", [&] {
+    emu_padding::mask_indices(m, cu_seqlens.data_ptr<int32_t>(), indices.data_ptr<int64_t>(), B, S,
+                              stats.total);
+    return 0;
+  });
+  return {indices, cu_seqlens, c10::SymInt(stats.max_seqlen)};
+}
+
+int64_t row_bytes_of(const at::Tensor& x) {
+  int64_t elems = 1;
+  for (int64_t d = 1; d < x.dim(); ++d) elems *= x.size(d);
+  return elems * static_cast<int64_t>(x.element_size());
+}
+
+at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& indices_in) {
+  bertkern::check_rows_args(x_in, indices_in, "gather_rows", "x");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  auto shape = x.sizes().vec();
+  shape[0] = indices.numel();
+  at::Tensor out = at::empty(shape, x.options());
+  const auto info = run_emulated("gather_rows", [&] {
+    return emu_padding::copy_rows<false>(x.data_ptr(), indices.data_ptr<int64_t>(), out.data_ptr(),
+                                         indices.numel(), x.size(0), out.size(0), row_bytes_of(x));
+  });
+  record_copy(info);
+  return out;
+}
+
+at::Tensor scatter_rows(const at::Tensor& x_in, const at::Tensor& indices_in, int64_t n_rows) {
+  bertkern::check_rows_args(x_in, indices_in, "scatter_rows", "x_packed");
+  bertkern::check_scatter_rows(x_in, indices_in, n_rows);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  auto shape = x.sizes().vec();
+  shape[0] = n_rows;
+  at::Tensor out = at::zeros(shape, x.options());
+  const auto info = run_emulated("scatter_rows", [&] {
+    return emu_padding::copy_rows<true>(x.data_ptr(), indices.data_ptr<int64_t>(), out.data_ptr(),
+                                        indices.numel(), x.size(0), n_rows, row_bytes_of(x));
+  });
+  record_copy(info);
+  return out;
+}
+
+int64_t set_padding_block_cap(int64_t cap) {
+  TORCH_CHECK_VALUE(cap >= 0, "_set_padding_block_cap: cap must be >= 0, got ", cap);
+  const int64_t previous = emu_padding::block_cap();
+  emu_padding::block_cap() = cap;
+  return previous;
+}
+
+std::vector<int64_t> padding_last_row_copy() {
+  std::lock_guard<std::mutex> lock(last_copy_mutex);
+  return last_copy;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bertkern_emu, m) {
+  m.def(
+      "mask_to_indices(Tensor key_padding_mask) -> (Tensor indices, Tensor cu_seqlens, SymInt "
+      "max_seqlen)");
+  m.def("gather_rows(Tensor x, Tensor indices) -> Tensor");
+  m.def("scatter_rows(Tensor x_packed, Tensor indices, SymInt n_rows) -> Tensor");
+  m.def("_set_padding_block_cap(int cap) -> int", &set_padding_block_cap);
+  m.def("_padding_last_row_copy() -> int[]", &padding_last_row_copy);
+}
+
+TORCH_LIBRARY_IMPL(bertkern_emu, CPU, m) {
+  m.impl("mask_to_indices", &mask_to_indices);
+  m.impl("gather_rows", &gather_rows);
+  m.impl("scatter_rows", &scatter_rows);
+}

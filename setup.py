@@ -55,11 +55,14 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++20", "-fopenmp-simd", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without it every CPU
+    # kernel of the extension would run on one thread.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden"]
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if CUDA_HOME is None:
         return [CppExtension("bertkern._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx})]
+                             extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     nvcc = [
         "-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
         "-Xptxas=-v",  # register / spill report for every kernel, at build time
@@ -67,7 +70,7 @@ def extensions():
     ]
     return [CUDAExtension("bertkern._C", sources + rel("csrc/cuda/*.cu"), include_dirs=include_dirs,
                           define_macros=[("BERTKERN_WITH_CUDA", "1")],
-                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]
 
 
 setup(

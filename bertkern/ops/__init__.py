@@ -2,6 +2,7 @@
 
 Mask convention everywhere: ``key_padding_mask[b, s] = True`` means padding (torch's).
 """
+from bertkern.ops.attention import attention, attention_varlen
 from bertkern.ops.layer_norm import layer_norm
 from bertkern.ops.padding import (
     key_padding_mask_from_attention_mask,
@@ -12,6 +13,8 @@ from bertkern.ops.padding import (
 )
 
 __all__ = [
+    "attention",
+    "attention_varlen",
     "layer_norm",
     "unpad",
     "pad",

@@ -1,0 +1,860 @@
+// CPU varlen scaled-dot-product attention with causal masking and dropout, forward and backward:
+// the CPU implementation of bertkern::attention_fwd / attention_bwd (schemas in csrc/ops.cpp;
+// the GPU path is the Triton kernel in bertkern/kernels/attention.py, same math, same dropout).
+//
+// Layout: q, k, v, out (T, H, D) hold the packed real tokens of B sequences; sequence b is rows
+// [cu_seqlens[b], cu_seqlens[b + 1]) and attends to itself only. lse (H, T). Only real tokens are
+// computed: the cost is H * sum_b L_b^2 * D, not H * B * S^2 * D as for a padded batch.
+//
+// Work: one task is (sequence, head, block of up to 128 query rows) in the forward and
+// (sequence, head) in the backward, so that each backward task owns its dK / dV rows (no atomics,
+// deterministic: every output element is computed by one task in a fixed order, whatever the
+// number of threads). Tasks are handed out largest first from a shared counter, which balances
+// sequences of very different lengths. Inside a task the work is GEMMs on the (sequence, head)
+// slices addressed in place (leading dimension = the token stride): S = scale Q_blk K^T, row
+// softmax in float32, out = P V; the backward recomputes P from lse per query block, and adds
+// that block's share to dV = P^T dO and dK = scale dS^T Q, and writes dQ = scale dS K (with
+// FlashAttention's delta summed from the float32 P and dP, not from the rounded out). A
+// (query block x keys) score block stays in cache; no online softmax is needed because a task
+// sees all keys of its sequence at once.
+//
+// GEMMs call the BLAS that libtorch_cpu exports (sgemm_ / dgemm_, MKL on x86-64 wheels) directly:
+// the cpublas::gemm overloads are not exported, and at::mm costs microseconds of dispatch per
+// call, a large share of a 100 x 100 x 64 product. The BLAS symbols are weak, so a torch build
+// without them still loads this library and falls back to at::addmm_out on the same buffers.
+// Threads: the tasks are spread over at::parallel_for, which needs this file compiled with
+// -fopenmp (else they run on one thread). Each GEMM is sequential (MKL's thread-local setting);
+// calls too small to be worth waking a second thread run on one.
+//
+// Dtypes: float32 and float64 (for gradcheck) are computed in their own precision; float16 and
+// bfloat16 inputs are converted to float32 once, computed in float32, and the results converted
+// back (lse stays float32). All accumulation is float32 (float64 for float64).
+//
+// Dropout (dropout_p > 0) must match the Triton kernel bit for bit, so the keep mask is defined
+// by Triton's tl.rand, reproduced exactly below (philox_first_word, uint_to_uniform_float):
+//   key     = dropout_seed[0] + b * H + h                        (uint64; b sequence, h head)
+//   counter = (uint32)(i * max_seqlen + j), c1 = c2 = c3 = 0     (int32 arithmetic, wraps;
+//                                                                  i, j local query / key index)
+//   r       = tl.rand(key, counter): first word of Philox4x32-10 with k0 = low 32 bits of key,
+//             k1 = high 32 bits, mapped to [0, 1) by uint_to_uniform_float
+//   keep    = r >= (float)dropout_p;  P_drop = keep ? P / (1 - dropout_p) : 0.
+// The test-only operator bertkern::_philox_uniform(int seed, Tensor offsets) -> Tensor, defined
+// at the end of this file, returns r for int32 counters so that tests can compare with Triton
+// (run under TRITON_INTERPRET=1) and rebuild the mask of a reference implementation.
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// at::parallel_for is a header template that parallelizes through "#pragma omp parallel" only
+// when this file is compiled with -fopenmp; otherwise every task runs on the calling thread.
+#if !defined(_OPENMP)
+#warning "bertkern: csrc/cpu/attention.cpp built without -fopenmp: attention tasks run on one thread"
+#endif
+
+// One binary for every x86-64 CPU: the softmax / dropout row loops are cloned for AVX-512 and
+// AVX2 (both with FMA) and the clone is picked at load time (GCC ifunc, ELF only).
+#if (defined(__GNUC__) && !defined(__clang__)) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(__AVX512F__)
+#define BK_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BK_MULTIVERSION
+#endif
+
+#if defined(__GNUC__)
+#define BK_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define BK_ALWAYS_INLINE inline
+#endif
+
+// Fortran BLAS exported by libtorch_cpu (the same symbols ATen's CPUBlas.cpp calls). Weak: null
+// when this torch build does not export them, and then the ATen fallback runs.
+#if AT_BUILD_WITH_BLAS() && defined(__GNUC__) && defined(__ELF__) && !defined(BK_ATTENTION_ATEN_GEMM)
+#define BK_BLAS_SYMBOLS 1
+extern "C" {
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const float* alpha, const float* a,
+                                  const int* lda, const float* b, const int* ldb,
+                                  const float* beta, float* c, const int* ldc);
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const double* alpha,
+                                  const double* a, const int* lda, const double* b,
+                                  const int* ldb, const double* beta, double* c, const int* ldc);
+// MKL's per-thread BLAS thread count (exported by libtorch_cpu on MKL builds); weak as above.
+__attribute__((weak)) int MKL_Set_Num_Threads_Local(int nt);  // mkl_set_num_threads_local in C
+}
+#else
+#define BK_BLAS_SYMBOLS 0
+#endif
+
+namespace bertkern {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Dropout RNG: Triton's tl.rand (triton/language/random.py: philox_impl, philox, randint,
+// uint_to_uniform_float) for an int32 offset, i.e. counter (offset, 0, 0, 0), 10 rounds.
+// ---------------------------------------------------------------------------------------------
+
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr int kPhiloxRounds = 10;
+
+// First output word of Philox4x32-10 for counter (c0, 0, 0, 0) and key (k0, k1).
+// The 32-bit state words live in 64-bit variables whose high halves are don't-care: products
+// take the low halves only ((x & kLow) * A), and only low halves are ever returned. This is the
+// shape GCC vectorizes well (64-bit lanes, about twice as fast as widening uint32 lanes).
+BK_ALWAYS_INLINE uint32_t philox_first_word(uint32_t counter, uint32_t key0, uint32_t key1) {
+  constexpr uint64_t kLow = 0xffffffffu;
+  uint64_t c0 = counter, c1 = 0, c2 = 0, c3 = 0, k0 = key0, k1 = key1;
+#pragma GCC unroll 10
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint64_t prod_a = (c0 & kLow) * uint64_t{kPhiloxRoundA};
+    const uint64_t prod_b = (c2 & kLow) * uint64_t{kPhiloxRoundB};
+    const uint64_t next_c0 = (prod_b >> 32) ^ c1 ^ k0;  // umulhi(B, c2) ^ c1 ^ k0
+    const uint64_t next_c2 = (prod_a >> 32) ^ c3 ^ k1;  // umulhi(A, c0) ^ c3 ^ k1
+    c1 = prod_b;                                        // low half: B * c2 mod 2^32
+    c3 = prod_a;                                        // low half: A * c0 mod 2^32
+    c0 = next_c0;
+    c2 = next_c2;
+    k0 = (k0 + kPhiloxKeyA) & kLow;
+    k1 = (k1 + kPhiloxKeyB) & kLow;
+  }
+  return static_cast<uint32_t>(c0);
+}
+
+// Triton's uint_to_uniform_float for 32-bit words: reinterpret as int32, fold negatives with ~x,
+// convert to float32 (round to nearest) and multiply by the float32 constant. In [0, 1).
+BK_ALWAYS_INLINE float uint_to_uniform_float(uint32_t word) {
+  int32_t x = static_cast<int32_t>(word);
+  x = x < 0 ? ~x : x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+BK_ALWAYS_INLINE float philox_uniform(uint32_t counter, uint32_t k0, uint32_t k1) {
+  return uint_to_uniform_float(philox_first_word(counter, k0, k1));
+}
+
+// Dropout of one (sequence, head): Philox key and counter stride, fixed per task.
+struct DropoutRng {
+  bool on = false;
+  float p = 0.f;          // compared in float32, as the Triton kernel does
+  double inv_keep = 1.0;  // 1 / (1 - p)
+  uint32_t k0 = 0, k1 = 0;
+  uint32_t max_seqlen = 0;
+  // Counter of (query i, key 0); key j adds j. Unsigned wraparound == int32 wraparound.
+  uint32_t row_counter(int64_t i) const { return static_cast<uint32_t>(i) * max_seqlen; }
+};
+
+DropoutRng make_dropout_rng(double p, uint64_t seed, int64_t max_seqlen, int64_t b, int64_t H,
+                            int64_t h) {
+  DropoutRng d;
+  d.on = p > 0;
+  if (!d.on) return d;
+  d.p = static_cast<float>(p);
+  d.inv_keep = 1.0 / (1.0 - p);
+  const uint64_t key = seed + static_cast<uint64_t>(b) * static_cast<uint64_t>(H) +
+                       static_cast<uint64_t>(h);
+  d.k0 = static_cast<uint32_t>(key & 0xffffffffu);
+  d.k1 = static_cast<uint32_t>(key >> 32);
+  d.max_seqlen = static_cast<uint32_t>(max_seqlen);
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels, written once for float and double. Rows are score rows of one query block:
+// entries [0, valid) are real keys, [valid, n) are keys masked by causality (zero in P).
+// ---------------------------------------------------------------------------------------------
+
+// exp for softmax arguments (x <= ~0): Cephes expf, about 1 ulp, plain arithmetic so that GCC
+// vectorizes it (glibc's vector expf needs -ffast-math). exp(x) for x < -87 is returned as 0.
+BK_ALWAYS_INLINE float exp_fast(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float er = poly * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float y = er * std::bit_cast<float>(bits);
+  return x < -87.0f ? 0.0f : y;
+}
+
+BK_ALWAYS_INLINE double exp_fast(double x) { return std::exp(x); }
+
+// Row reductions over kLanes independent partial results (lane l takes elements l, l + kLanes,
+// ...), combined by a fixed tree at the end. GCC turns the fixed-width inner loops into vector
+// code; an "omp simd reduction" instead ends every row with a sequential scalar pass over the
+// lanes, which costs as much as the vector work on rows of ~100 keys.
+constexpr int64_t kLanes = 32;
+
+template <typename T, typename Combine>
+BK_ALWAYS_INLINE T combine_lanes(T* __restrict part, Combine combine) {
+#pragma GCC unroll 8
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) part[l] = combine(part[l], part[l + width]);
+  }
+  return part[0];
+}
+
+template <typename T>
+BK_ALWAYS_INLINE T row_max(const T* __restrict x, int64_t n) {
+  alignas(64) T part[kLanes];
+  const auto max2 = [](T a, T b) { return a > b ? a : b; };
+  for (int64_t l = 0; l < kLanes; ++l) part[l] = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = max2(part[l], x[j + l]);
+  }
+  for (int64_t l = 0; l < n - j; ++l) part[l] = max2(part[l], x[j + l]);
+  return combine_lanes<T>(part, max2);
+}
+
+// x[j] <- exp(x[j] - shift) for j < n; returns the sum of the new x.
+template <typename T>
+BK_ALWAYS_INLINE T row_exp_sum(T* __restrict x, int64_t n, T shift) {
+  alignas(64) T part[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) part[l] = 0;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const T e = exp_fast(x[j + l] - shift);
+      x[j + l] = e;
+      part[l] += e;
+    }
+  }
+  for (int64_t l = 0; l < n - j; ++l) {
+    const T e = exp_fast(x[j + l] - shift);
+    x[j + l] = e;
+    part[l] += e;
+  }
+  return combine_lanes<T>(part, [](T a, T b) { return a + b; });
+}
+
+// In place: x[0, valid) <- softmax, x[valid, n) <- 0. Returns the logsumexp of x[0, valid).
+template <typename T>
+BK_ALWAYS_INLINE T softmax_row(T* __restrict x, int64_t valid, int64_t n) {
+  const T mx = row_max<T>(x, valid);
+  const T sum = row_exp_sum<T>(x, valid, mx);
+  const T inv_sum = T(1) / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < valid; ++j) x[j] *= inv_sum;
+  for (int64_t j = valid; j < n; ++j) x[j] = 0;
+  return mx + std::log(sum);
+}
+
+// In place on P: x[j] <- keep(j) ? x[j] / (1 - p) : 0 for j in [0, valid).
+template <typename T>
+BK_ALWAYS_INLINE void dropout_row(T* __restrict x, int64_t valid, uint32_t counter0,
+                                  const DropoutRng& d) {
+  const uint32_t k0 = d.k0, k1 = d.k1;
+  const float p = d.p;
+  const T inv_keep = static_cast<T>(d.inv_keep);
+#pragma omp simd
+  for (int64_t j = 0; j < valid; ++j) {
+    const float r = philox_uniform(counter0 + static_cast<uint32_t>(j), k0, k1);
+    x[j] = r >= p ? x[j] * inv_keep : T(0);
+  }
+}
+
+// Forward, one query block of M rows (local query index row0 + r) against n keys:
+// scores -> P (dropped out), lse[r] = logsumexp of row r.
+template <typename T>
+BK_ALWAYS_INLINE void fwd_block_body(T* __restrict s, int64_t M, int64_t n, int64_t row0,
+                                     bool causal, T* __restrict lse, const DropoutRng& d) {
+  for (int64_t r = 0; r < M; ++r) {
+    T* x = s + r * n;
+    const int64_t valid = causal ? std::min(n, row0 + r + 1) : n;
+    lse[r] = softmax_row<T>(x, valid, n);
+    if (d.on) dropout_row<T>(x, valid, d.row_counter(row0 + r), d);
+  }
+}
+
+// Backward, one query block: scores s -> P = exp(s - lse) in place, and with dropout
+// pd = P * keep / (1 - p) (pd unused without dropout).
+template <typename T>
+BK_ALWAYS_INLINE void bwd_probs_body(T* __restrict s, T* __restrict pd, int64_t M, int64_t n,
+                                     int64_t row0, bool causal, const T* __restrict lse,
+                                     const DropoutRng& d) {
+  for (int64_t r = 0; r < M; ++r) {
+    T* x = s + r * n;
+    const int64_t valid = causal ? std::min(n, row0 + r + 1) : n;
+    const T m = lse[r];
+#pragma omp simd
+    for (int64_t j = 0; j < valid; ++j) x[j] = exp_fast(x[j] - m);
+    for (int64_t j = valid; j < n; ++j) x[j] = 0;
+    if (d.on) {
+      T* y = pd + r * n;
+      const uint32_t counter0 = d.row_counter(row0 + r), k0 = d.k0, k1 = d.k1;
+      const float p = d.p;
+      const T inv_keep = static_cast<T>(d.inv_keep);
+#pragma omp simd
+      for (int64_t j = 0; j < valid; ++j) {
+        const float u = philox_uniform(counter0 + static_cast<uint32_t>(j), k0, k1);
+        y[j] = u >= p ? x[j] * inv_keep : T(0);
+      }
+      for (int64_t j = valid; j < n; ++j) y[j] = 0;
+    }
+  }
+}
+
+// Backward, one query block: dp (= dO V^T) -> dS in place, with pd = P * keep / (1 - p):
+//   dS = P * (dP * keep / (1 - p) - delta) = pd * dP - P * delta,  delta_r = sum_j pd * dP.
+// delta_r equals dO_r . O_r (FlashAttention's form), but is summed here from the float32 P and
+// dP of the row, which the block holds in full: dO . O would take O from `out`, rounded to the
+// input dtype, and its rounding error is amplified by 1 / (1 - p) and by the cancellation in
+// dP - delta (4x torch's own float16 error at dropout 0.9).
+template <typename T>
+BK_ALWAYS_INLINE void bwd_ds_body(T* __restrict dp, const T* __restrict p, const T* __restrict pd,
+                                  int64_t M, int64_t n) {
+  for (int64_t r = 0; r < M; ++r) {
+    T* x = dp + r * n;
+    const T* prow = p + r * n;
+    const T* pdrow = pd != nullptr ? pd + r * n : prow;
+    alignas(64) T part[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = 0;
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) part[l] += pdrow[j + l] * x[j + l];
+    }
+    for (int64_t l = 0; l < n - j; ++l) part[l] += pdrow[j + l] * x[j + l];
+    const T delta = combine_lanes<T>(part, [](T a, T b) { return a + b; });
+    if (pd != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) x[c] = pdrow[c] * x[c] - prow[c] * delta;
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) x[c] = prow[c] * (x[c] - delta);
+    }
+  }
+}
+
+// Instruction-set clones for float (the hot path); double is for gradcheck and stays generic.
+BK_MULTIVERSION void fwd_block(float* s, int64_t M, int64_t n, int64_t row0, bool causal,
+                               float* lse, const DropoutRng& d) {
+  fwd_block_body<float>(s, M, n, row0, causal, lse, d);
+}
+void fwd_block(double* s, int64_t M, int64_t n, int64_t row0, bool causal, double* lse,
+               const DropoutRng& d) {
+  fwd_block_body<double>(s, M, n, row0, causal, lse, d);
+}
+BK_MULTIVERSION void bwd_probs(float* s, float* pd, int64_t M, int64_t n, int64_t row0,
+                               bool causal, const float* lse, const DropoutRng& d) {
+  bwd_probs_body<float>(s, pd, M, n, row0, causal, lse, d);
+}
+void bwd_probs(double* s, double* pd, int64_t M, int64_t n, int64_t row0, bool causal,
+               const double* lse, const DropoutRng& d) {
+  bwd_probs_body<double>(s, pd, M, n, row0, causal, lse, d);
+}
+BK_MULTIVERSION void bwd_ds(float* dp, const float* p, const float* pd, int64_t M, int64_t n) {
+  bwd_ds_body<float>(dp, p, pd, M, n);
+}
+void bwd_ds(double* dp, const double* p, const double* pd, int64_t M, int64_t n) {
+  bwd_ds_body<double>(dp, p, pd, M, n);
+}
+BK_MULTIVERSION void philox_uniform_n(const int32_t* offsets, float* out, int64_t n, uint32_t k0,
+                                      uint32_t k1) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = philox_uniform(static_cast<uint32_t>(offsets[i]), k0, k1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM on row-major matrices: C (M x N) = alpha * op(A) * op(B) + beta * C, op(A) M x K,
+// op(B) K x N; lda / ldb / ldc are row strides (>= the stored column count). beta == 0 ignores
+// C's contents.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* ptr, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor stored = at::from_blob(const_cast<T*>(ptr), {trans ? cols : rows, trans ? rows : cols},
+                                      {ld, 1}, options);
+    return trans ? stored.t() : stored;
+  };
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
+  at::addmm_out(c, c, view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, alpha);
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+#if BK_BLAS_SYMBOLS
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  const bool fits = std::max({M, N, K, lda, ldb, ldc}) <= kIntMax;
+  const bool have = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+  if (fits && have) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: pass B first.
+    const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int lb = static_cast<int>(ldb), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    } else {
+      dgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    }
+    return;
+  }
+#endif
+  gemm_aten<T>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operands
+// ---------------------------------------------------------------------------------------------
+
+// A (T, H, D) tensor seen as one row-major (L x D) matrix per (sequence, head):
+// element (token t, head h, e) at ptr[t * ld + h * head_stride + e].
+template <typename T>
+struct Rows {
+  T* ptr = nullptr;
+  int64_t ld = 0, head_stride = 0;
+  T* at(int64_t token, int64_t head) const { return ptr + token * ld + head * head_stride; }
+};
+
+// t itself when its (sequence, head) slices are valid BLAS operands (unit stride along D, token
+// stride >= D, e.g. q/k/v views of a packed (T, 3, H, D) qkv), else a contiguous copy.
+at::Tensor as_row_operand(const at::Tensor& t) {
+  const int64_t T = t.size(0), D = t.size(2);
+  const bool ok = (D == 1 || t.stride(2) == 1) && (T <= 1 || t.stride(0) >= D);
+  return ok ? t : t.contiguous();
+}
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  Rows<T> r;
+  r.ptr = const_cast<T*>(t.const_data_ptr<T>());
+  // A single token: only row 0 is addressed, and any ld >= D is a valid BLAS leading dimension.
+  r.ld = t.size(0) > 1 ? t.stride(0) : t.size(2);
+  r.head_stride = t.stride(1);
+  return r;
+}
+
+// Computation type: float64 for float64 inputs, float32 otherwise.
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor to_acc(const at::Tensor& t) {
+  const at::ScalarType acc = acc_type(t.scalar_type());
+  return as_row_operand(t.scalar_type() == acc ? t : t.to(acc));
+}
+
+// Query rows per block for a sequence of L tokens: up to 128 (64 when causal, so that blocks skip
+// more of the masked upper triangle), fewer for long sequences so that a (rows x L) score block
+// stays around 256 KiB of float32 (L2); the blocks of a sequence are equal-sized.
+int64_t block_rows(int64_t L, bool causal) {
+  constexpr int64_t kScoreElements = 64 * 1024;
+  const int64_t max_rows = causal ? 64 : 128;
+  const int64_t cap = std::clamp<int64_t>(kScoreElements / std::max<int64_t>(L, 1), 16, max_rows);
+  const int64_t n_blocks = (L + cap - 1) / cap;
+  return n_blocks == 0 ? 1 : (L + n_blocks - 1) / n_blocks;
+}
+
+// Per-thread scratch for score blocks, kept between calls (the OpenMP workers persist): a fresh
+// allocation per call costs page faults comparable to a small call's compute. Only blocks up to
+// kCachedWorkspaceBytes are kept; larger ones (very long sequences) are allocated per call.
+constexpr int64_t kCachedWorkspaceBytes = int64_t{16} << 20;
+
+template <typename T>
+T* thread_workspace(int64_t elements) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < elements) {
+    buffer = std::vector<T>();  // release first: never hold old and new at once
+    buffer.resize(static_cast<size_t>(elements));
+  }
+  return buffer.data();
+}
+
+// Multiply-adds a worker thread should get at least (~15 us); waking a thread costs ~10 us.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 19;
+
+#if defined(_OPENMP)
+constexpr bool kThreadedTasks = true;  // at::parallel_for really runs tasks on several threads
+#else
+constexpr bool kThreadedTasks = false;
+#endif
+
+// Makes the BLAS of the calling thread sequential for its lifetime. Our GEMMs are small; a BLAS
+// that spreads each one over the intra-op threads (as MKL does outside a parallel region, e.g.
+// when a call is too small to split into tasks) spends more on waking threads than it saves.
+class SequentialBlas {
+ public:
+  explicit SequentialBlas(bool enable) {
+    (void)enable;
+#if BK_BLAS_SYMBOLS
+    if (enable && MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+#endif
+  }
+  ~SequentialBlas() {
+#if BK_BLAS_SYMBOLS
+    if (previous_ >= 0) MKL_Set_Num_Threads_Local(previous_);  // 0 = back to the global setting
+#endif
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+// Runs fn(task, workspace) for every task in the order of `cost` (multiply-adds per task), the
+// largest first, taken from a shared counter by the worker threads, one workspace per worker.
+// Each task writes only its own outputs, so results do not depend on which thread ran it.
+template <typename T, typename Fn>
+void run_tasks(const std::vector<int64_t>& cost, int64_t workspace_elements, const Fn& fn) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  if (n == 0) return;
+  std::vector<int64_t> order(cost.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  const int64_t total = std::accumulate(cost.begin(), cost.end(), int64_t{0});
+  const int64_t workers = std::clamp<int64_t>(total / kMinWorkPerThread, 1,
+                                              std::min<int64_t>(n, at::get_num_threads()));
+  // Sequential BLAS when tasks run on several threads (nested threading would oversubscribe) or
+  // when the call is too small to split; a build without OpenMP runs the tasks on one thread and
+  // leaves large GEMMs to the BLAS's own threads.
+  const bool sequential_blas = (kThreadedTasks && workers > 1) || total < 2 * kMinWorkPerThread;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    SequentialBlas blas_guard(sequential_blas);
+    std::vector<T> uncached;
+    T* workspace = nullptr;
+    if (workspace_elements * static_cast<int64_t>(sizeof(T)) <= kCachedWorkspaceBytes) {
+      workspace = thread_workspace<T>(workspace_elements);
+    } else {
+      uncached.resize(static_cast<size_t>(workspace_elements));
+      workspace = uncached.data();
+    }
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(order[i], workspace);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (before any compute). ValueError / TypeError naming the argument.
+// ---------------------------------------------------------------------------------------------
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_qkv_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got device ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must have shape (T, H, D), got shape ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(),
+                    " (self-attention on packed tokens), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
+                   q.scalar_type(), ", got ", t.scalar_type());
+}
+
+struct Problem {
+  int64_t T = 0, H = 0, D = 0;
+  std::vector<int64_t> cu;  // B + 1 offsets
+  uint64_t seed = 0;
+};
+
+Problem check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
+                     double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  TORCH_CHECK_VALUE(q.defined(), op, ": q is undefined");
+  TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got device ",
+                    q.device());
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape (T, H, D), got shape ", q.sizes());
+  TORCH_CHECK_TYPE(is_supported_dtype(q.scalar_type()), op,
+                   ": q must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(q.size(2) >= 1, op, ": head dimension D = q.shape[2] must be >= 1, got shape ",
+                    q.sizes());
+  check_qkv_like(op, "k", k, q);
+  check_qkv_like(op, "v", v, q);
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+
+  TORCH_CHECK_VALUE(cu_seqlens.defined(), op, ": cu_seqlens is undefined");
+  TORCH_CHECK_VALUE(cu_seqlens.device().is_cpu(), op,
+                    ": cu_seqlens must be a CPU tensor with q on the CPU, got device ",
+                    cu_seqlens.device());
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt, op,
+                   ": cu_seqlens must be int32, got dtype ", cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, op,
+                    ": cu_seqlens must have shape (B + 1,) with B >= 0, got shape ",
+                    cu_seqlens.sizes());
+  Problem pr;
+  pr.T = q.size(0);
+  pr.H = q.size(1);
+  pr.D = q.size(2);
+  const at::Tensor cu_c = cu_seqlens.contiguous();
+  const int32_t* cu = cu_c.const_data_ptr<int32_t>();
+  const int64_t B = cu_c.numel() - 1;
+  TORCH_CHECK_VALUE(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(cu[b + 1] >= cu[b], op, ": cu_seqlens must be nondecreasing, got cu_seqlens[",
+                      b, "] = ", cu[b], " > cu_seqlens[", b + 1, "] = ", cu[b + 1]);
+    longest = std::max<int64_t>(longest, int64_t{cu[b + 1]} - cu[b]);
+  }
+  TORCH_CHECK_VALUE(cu[B] == pr.T, op, ": cu_seqlens[-1] = ", cu[B],
+                    " must equal the number of tokens T = q.shape[0] = ", pr.T);
+  TORCH_CHECK_VALUE(max_seqlen >= longest && max_seqlen <= std::numeric_limits<int32_t>::max(), op,
+                    ": max_seqlen must be >= the longest sequence (", longest,
+                    ") and < 2^31, got ", max_seqlen);
+  pr.cu.assign(cu, cu + B + 1);
+
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+                    dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK_VALUE(dropout_seed.has_value() && dropout_seed->defined(), op,
+                      ": dropout_seed is required when dropout_p > 0");
+    const at::Tensor& s = *dropout_seed;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, op, ": dropout_seed must be int64, got dtype ",
+                     s.scalar_type());
+    TORCH_CHECK_VALUE(s.numel() == 1 && s.dim() == 1, op,
+                      ": dropout_seed must have shape (1,), got shape ", s.sizes());
+    TORCH_CHECK_VALUE(s.device().is_cpu(), op, ": dropout_seed must be on q's device (cpu), got ",
+                      s.device());
+    const int64_t value = s.item<int64_t>();
+    TORCH_CHECK_VALUE(value >= 0 && value < (int64_t{1} << 62), op,
+                      ": dropout_seed must be in [0, 2^62), got ", value);
+    pr.seed = static_cast<uint64_t>(value);
+  }
+  return pr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void attention_fwd_impl(const Problem& pr, const at::Tensor& q_t, const at::Tensor& k_t,
+                        const at::Tensor& v_t, at::Tensor& out_t, at::Tensor& lse_t,
+                        int64_t max_seqlen, double scale_d, bool causal, double dropout_p) {
+  const int64_t H = pr.H, D = pr.D, n_tokens = pr.T;
+  const int64_t B = static_cast<int64_t>(pr.cu.size()) - 1;
+  const Rows<T> q = rows_of<T>(q_t), k = rows_of<T>(k_t), v = rows_of<T>(v_t);
+  const Rows<T> out = rows_of<T>(out_t);
+  T* lse = lse_t.data_ptr<T>();
+  const T scale = static_cast<T>(scale_d);
+
+  struct Task {
+    int64_t b, h, m0, m1;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  int64_t workspace = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = pr.cu[b + 1] - pr.cu[b];
+    if (L == 0) continue;
+    const int64_t rows = block_rows(L, causal);
+    workspace = std::max(workspace, rows * L);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t m0 = 0; m0 < L; m0 += rows) {
+        const int64_t m1 = std::min(L, m0 + rows);
+        tasks.push_back({b, h, m0, m1});
+        cost.push_back(2 * (m1 - m0) * (causal ? m1 : L) * D);  // 2 GEMMs
+      }
+    }
+  }
+
+  run_tasks<T>(cost, workspace, [&](int64_t i, T* s) {
+    const Task& task = tasks[i];
+    const int64_t start = pr.cu[task.b], L = pr.cu[task.b + 1] - start;
+    const int64_t M = task.m1 - task.m0, n = causal ? task.m1 : L;
+    const DropoutRng d = make_dropout_rng(dropout_p, pr.seed, max_seqlen, task.b, H, task.h);
+    const int64_t q0 = start + task.m0;
+    // S = scale * Q_blk K^T  (M x n)
+    gemm<T>(false, true, M, n, D, scale, q.at(q0, task.h), q.ld, k.at(start, task.h), k.ld, T(0),
+            s, n);
+    fwd_block(s, M, n, task.m0, causal, lse + task.h * n_tokens + q0, d);
+    // out_blk = P_drop V  (M x D)
+    gemm<T>(false, false, M, D, n, T(1), s, n, v.at(start, task.h), v.ld, T(0),
+            out.at(q0, task.h), out.ld);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in,
+                                                     const at::Tensor& cu_seqlens,
+                                                     int64_t max_seqlen, double scale, bool causal,
+                                                     double dropout_p,
+                                                     const std::optional<at::Tensor>& dropout_seed) {
+  const Problem pr = check_common("attention_fwd", q_in, k_in, v_in, cu_seqlens, max_seqlen, scale,
+                                  dropout_p, dropout_seed);
+  const at::ScalarType dtype = q_in.scalar_type(), acc = acc_type(dtype);
+  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
+  at::Tensor out = at::empty({pr.T, pr.H, pr.D}, q_in.options().dtype(acc));
+  at::Tensor lse = at::empty({pr.H, pr.T}, q_in.options().dtype(acc));
+  if (acc == at::kDouble) {
+    attention_fwd_impl<double>(pr, q, k, v, out, lse, max_seqlen, scale, causal, dropout_p);
+  } else {
+    attention_fwd_impl<float>(pr, q, k, v, out, lse, max_seqlen, scale, causal, dropout_p);
+  }
+  return {dtype == acc ? out : out.to(dtype), lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void attention_bwd_impl(const Problem& pr, const at::Tensor& dout_t, const at::Tensor& q_t,
+                        const at::Tensor& k_t, const at::Tensor& v_t,
+                        const at::Tensor& lse_t, at::Tensor& dq_t, at::Tensor& dk_t,
+                        at::Tensor& dv_t, int64_t max_seqlen, double scale_d, bool causal,
+                        double dropout_p) {
+  const int64_t H = pr.H, D = pr.D, n_tokens = pr.T;
+  const int64_t B = static_cast<int64_t>(pr.cu.size()) - 1;
+  const Rows<T> q = rows_of<T>(q_t), k = rows_of<T>(k_t), v = rows_of<T>(v_t);
+  const Rows<T> dout = rows_of<T>(dout_t);
+  const Rows<T> dq = rows_of<T>(dq_t), dk = rows_of<T>(dk_t), dv = rows_of<T>(dv_t);
+  const T* lse = lse_t.const_data_ptr<T>();
+  const T scale = static_cast<T>(scale_d);
+  const bool dropout = dropout_p > 0;
+
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (b, h)
+  std::vector<int64_t> cost;
+  int64_t block_elements = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = pr.cu[b + 1] - pr.cu[b];
+    if (L == 0) continue;
+    block_elements = std::max(block_elements, block_rows(L, causal) * L);
+    for (int64_t h = 0; h < H; ++h) {
+      tasks.emplace_back(b, h);
+      cost.push_back(5 * L * L * D / (causal ? 2 : 1));  // 5 GEMMs
+    }
+  }
+  // Workspace: P, dP (-> dS) and, with dropout, P_drop; one (rows x L) block each.
+  const int64_t workspace = block_elements * (dropout ? 3 : 2);
+
+  run_tasks<T>(cost, workspace, [&](int64_t i, T* ws) {
+    const int64_t b = tasks[i].first, h = tasks[i].second;
+    const int64_t start = pr.cu[b], L = pr.cu[b + 1] - start;
+    const int64_t rows = block_rows(L, causal), n_blocks = (L + rows - 1) / rows;
+    T* p = ws;
+    T* dp = ws + block_elements;
+    T* pd = dropout ? ws + 2 * block_elements : nullptr;
+    const DropoutRng d = make_dropout_rng(dropout_p, pr.seed, max_seqlen, b, H, h);
+    const T* kb = k.at(start, h);
+    const T* vb = v.at(start, h);
+    T* dkb = dk.at(start, h);
+    T* dvb = dv.at(start, h);
+    // Last block first: it sees all L keys even when causal, so it initializes dK / dV (beta 0)
+    // and every earlier block accumulates into them.
+    for (int64_t blk = n_blocks - 1; blk >= 0; --blk) {
+      const int64_t m0 = blk * rows, m1 = std::min(L, m0 + rows), M = m1 - m0;
+      const int64_t n = causal ? m1 : L;
+      const T beta = blk == n_blocks - 1 ? T(0) : T(1);
+      const int64_t t0 = start + m0;
+      const T* qb = q.at(t0, h);
+      const T* dob = dout.at(t0, h);
+      // P = exp(scale * Q_blk K^T - lse), P_drop
+      gemm<T>(false, true, M, n, D, scale, qb, q.ld, kb, k.ld, T(0), p, n);
+      bwd_probs(p, pd, M, n, m0, causal, lse + h * n_tokens + t0, d);
+      // dV += P_drop^T dO_blk
+      gemm<T>(true, false, n, D, M, T(1), dropout ? pd : p, n, dob, dout.ld, beta, dvb, dv.ld);
+      // dP = dO_blk V^T, then dS
+      gemm<T>(false, true, M, n, D, T(1), dob, dout.ld, vb, v.ld, T(0), dp, n);
+      bwd_ds(dp, p, pd, M, n);
+      // dQ_blk = scale * dS K ; dK += scale * dS^T Q_blk
+      gemm<T>(false, false, M, D, n, scale, dp, n, kb, k.ld, T(0), dq.at(t0, h), dq.ld);
+      gemm<T>(true, false, n, D, M, scale, dp, n, qb, q.ld, beta, dkb, dk.ld);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, bool causal, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
+  const char* op = "attention_bwd";
+  const Problem pr = check_common(op, q_in, k_in, v_in, cu_seqlens, max_seqlen, scale, dropout_p,
+                                  dropout_seed);
+  check_qkv_like(op, "dout", dout_in, q_in);
+  check_qkv_like(op, "out", out_in, q_in);
+  const at::ScalarType dtype = q_in.scalar_type(), acc = acc_type(dtype);
+  TORCH_CHECK_VALUE(lse_in.defined() && lse_in.device().is_cpu(), op,
+                    ": lse must be a CPU tensor");
+  TORCH_CHECK_TYPE(lse_in.scalar_type() == acc, op, ": lse must be ", acc, " for ", dtype,
+                   " inputs, got ", lse_in.scalar_type());
+  TORCH_CHECK_VALUE(lse_in.dim() == 2 && lse_in.size(0) == pr.H && lse_in.size(1) == pr.T, op,
+                    ": lse must have shape (H, T) = (", pr.H, ", ", pr.T, "), got ",
+                    lse_in.sizes());
+
+  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
+  // out is part of the schema (FlashAttention's delta = rowsum(dO * O)) but not read: delta is
+  // summed from the recomputed float32 P and dP instead (see bwd_ds_body).
+  const at::Tensor dout = to_acc(dout_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const auto options = q_in.options().dtype(acc);
+  at::Tensor dq = at::empty({pr.T, pr.H, pr.D}, options);
+  at::Tensor dk = at::empty({pr.T, pr.H, pr.D}, options);
+  at::Tensor dv = at::empty({pr.T, pr.H, pr.D}, options);
+  if (acc == at::kDouble) {
+    attention_bwd_impl<double>(pr, dout, q, k, v, lse, dq, dk, dv, max_seqlen, scale, causal,
+                               dropout_p);
+  } else {
+    attention_bwd_impl<float>(pr, dout, q, k, v, lse, dq, dk, dv, max_seqlen, scale, causal,
+                              dropout_p);
+  }
+  if (dtype != acc) return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+  return {dq, dk, dv};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test-only: the dropout uniforms. r[i] = tl.rand(seed, offsets[i]) for int32 offsets.
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor philox_uniform_cpu(int64_t seed, const at::Tensor& offsets_in) {
+  TORCH_CHECK_TYPE(offsets_in.scalar_type() == at::kInt,
+                   "_philox_uniform: offsets must be int32, got dtype ", offsets_in.scalar_type());
+  const at::Tensor offsets = offsets_in.contiguous();
+  at::Tensor r = at::empty(offsets.sizes(), offsets.options().dtype(at::kFloat));
+  const uint64_t key = static_cast<uint64_t>(seed);
+  philox_uniform_n(offsets.const_data_ptr<int32_t>(), r.data_ptr<float>(), offsets.numel(),
+                   static_cast<uint32_t>(key & 0xffffffffu), static_cast<uint32_t>(key >> 32));
+  return r;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bertkern, m) {
+  // Test-only, CPU: the dropout uniforms of the attention kernels, r = tl.rand(seed, offsets)
+  // (Triton's Philox4x32-10, first word, uint_to_uniform_float). offsets int32 -> float32.
+  m.def("_philox_uniform(int seed, Tensor offsets) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+  m.impl("_philox_uniform", &philox_uniform_cpu);
+}
+
+}  // namespace bertkern

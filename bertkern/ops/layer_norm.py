@@ -106,6 +106,9 @@ def _layer_norm_bwd_fake(dy, dresidual_out, z, mean, rstd, weight, has_bias):
 
 
 def _setup_context(ctx, inputs, output):
+    # Unused outputs (residual_out when the caller drops it, mean, rstd) get None gradients
+    # instead of materialized zeros, which the backward would otherwise read.
+    ctx.set_materialize_grads(False)
     x, residual, weight, bias, eps, store_residual = inputs
     _, residual_out, mean, rstd = output
     ctx.has_residual = residual is not None

@@ -842,13 +842,17 @@ struct BwdArgs {
   int64_t rows, n;
 };
 
-// dweight / dbias are reduced in a number of row chunks that depends on `rows` only, so the
-// summation order (and the bits of the result) do not depend on the thread count.
+// dweight / dbias are reduced in a number of row chunks that depends on the shape only, never
+// on the thread count, so the summation order (and the bits of the result) are always the same.
+// Up to 64 chunks of at least 8 rows, with at most 16 MiB of partial rows.
 constexpr int64_t kMaxParamChunks = 64;
 constexpr int64_t kMinRowsPerChunk = 8;
+constexpr int64_t kMaxPartialBytes = int64_t(16) << 20;
 
-int64_t param_chunks(int64_t rows) {
-  return std::clamp<int64_t>((rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk, 1, kMaxParamChunks);
+int64_t param_chunks(int64_t rows, int64_t partial_row_bytes) {
+  const int64_t by_rows = (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk;
+  const int64_t by_memory = kMaxPartialBytes / std::max<int64_t>(partial_row_bytes, 1);
+  return std::clamp<int64_t>(std::min(by_rows, by_memory), 1, kMaxParamChunks);
 }
 
 template <typename scalar_t>
@@ -874,7 +878,8 @@ void layer_norm_bwd_rows(const BwdArgs& a) {
     w = weight != nullptr ? weight_f.data() : nullptr;
   }
 
-  const int64_t chunks = (want_dw || want_db) ? param_chunks(rows) : 1;
+  const int64_t partial_row_bytes = (want_dw + want_db) * n * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t chunks = (want_dw || want_db) ? param_chunks(rows, partial_row_bytes) : 1;
   const int64_t rows_per_chunk = rows > 0 ? (rows + chunks - 1) / chunks : 0;
   // Partial sums: [chunk][n] for dweight, then the same for dbias.
   std::vector<acc_t> partials((want_dw ? chunks * n : 0) + (want_db ? chunks * n : 0), acc_t(0));
@@ -897,7 +902,8 @@ void layer_norm_bwd_rows(const BwdArgs& a) {
   const bool stream = std::is_same_v<scalar_t, float> && n > 1 &&
                       use_streaming_stores(tensors_moved * rows * row_bytes);
   std::vector<float> ones(stream && w == nullptr ? n : 0, 1.f);
-  const float* w_stream = w != nullptr ? reinterpret_cast<const float*>(w) : ones.data();
+  const float* w_stream = nullptr;
+  if constexpr (std::is_same_v<acc_t, float>) w_stream = w != nullptr ? w : ones.data();
 
   auto run_rows = [&](int64_t begin, int64_t end, acc_t* dw_acc, acc_t* db_acc) {
     if constexpr (kFloatIO) {

@@ -36,6 +36,10 @@ CUDA_CASES = [
     (32, 512, 16, 64, torch.bfloat16, 0.1, False),
 ]
 IMPLS = ["bertkern", "sdpa_mask", "sdpa_loop"]
+# GPU only: SDPA pinned to its fused backends. Flash takes no mask, so it runs the padded batch
+# unmasked (computing every padded token, as a model without unpadding would); the
+# memory-efficient backend takes the padding mask.
+CUDA_IMPLS = ["sdpa_flash", "sdpa_efficient"]
 _needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA GPU")
 
 
@@ -102,6 +106,17 @@ class _Problem:
         if impl == "sdpa_mask":
             return (lambda q, k, v: [F.scaled_dot_product_attention(
                 q, k, v, attn_mask=self.attn_mask, dropout_p=p)]), self.padded
+        if impl in CUDA_IMPLS:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = SDPBackend.FLASH_ATTENTION if impl == "sdpa_flash" else SDPBackend.EFFICIENT_ATTENTION
+            mask = None if impl == "sdpa_flash" else self.attn_mask
+
+            def fused(q, k, v):
+                with sdpa_kernel(backend):
+                    return [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                           is_causal=causal and mask is None)]
+            return fused, self.padded
 
         def loop(q, k, v):
             return [F.scaled_dot_product_attention(q[b:b + 1, :, :n], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
@@ -140,11 +155,13 @@ def _interleaved_min(fns, rounds=3, target_s=0.05):
     return best
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + CUDA_IMPLS)
 @pytest.mark.parametrize("device,batch,seqlen,heads,head_dim,dtype,dropout_p,causal", CASES)
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 def test_attention(benchmark, mode, device, batch, seqlen, heads, head_dim, dtype, dropout_p,
                    causal, impl):
+    if impl in CUDA_IMPLS and device != "cuda":
+        pytest.skip("SDPA flash / memory-efficient backends are GPU baselines")
     if impl == "bertkern" and _public_attention() is None:
         pytest.skip("bertkern.ops.attention is not available (bertkern/ops/attention.py)")
     problem = _Problem(device, batch, seqlen, heads, head_dim, dtype, dropout_p, causal)
@@ -161,9 +178,10 @@ def test_attention(benchmark, mode, device, batch, seqlen, heads, head_dim, dtyp
                 flops=flops)
     disabled = getattr(benchmark, "disabled", False)  # --benchmark-disable: a quick smoke run
     if impl == "bertkern" and not disabled:
-        times = _interleaved_min([problem.timed_fn(name, mode) for name in IMPLS])
-        info.update(speedup_vs_sdpa_mask=times[1] / times[0], speedup_vs_sdpa_loop=times[2] / times[0],
-                    interleaved_seconds=dict(zip(IMPLS, times)))
+        names = IMPLS + (CUDA_IMPLS if device == "cuda" else [])
+        times = _interleaved_min([problem.timed_fn(name, mode) for name in names])
+        info.update({f"speedup_vs_{name}": times[i] / times[0] for i, name in enumerate(names) if i},
+                    interleaved_seconds=dict(zip(names, times)))
     seconds = stats.stats.median if stats is not None else timeit.timeit(fn, number=1)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -262,6 +262,27 @@ def _():
         assert torch.equal(x, y)
 
 
+@case("public_api_backend_triton_matches_cpu")
+def _():
+    # bertkern.ops.attention(backend="triton") on CPU tensors (allowed under the interpreter),
+    # padded layout with padding anywhere, forward and backward, against the C++ backend.
+    from bertkern.ops import attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 9, 2, 16, generator=g) for _ in range(3))
+    mask = torch.rand(3, 9, generator=g) < 0.3
+    mask[2] = True  # one sequence all padding
+    grads = {}
+    for backend in ("triton", "cpu"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = attention(*leaves, key_padding_mask=mask, causal=True, backend=backend)
+        out.square().sum().backward()
+        grads[backend] = (out, *(t.grad for t in leaves))
+    assert torch.equal(grads["triton"][0][mask], torch.zeros_like(grads["triton"][0][mask]))
+    for a, b in zip(grads["triton"], grads["cpu"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @case("opcheck")
 def _():
     import bertkern.ops.attention_triton  # noqa: F401

@@ -24,6 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _timing import interleaved_min  # benchmarks/_timing.py (pytest puts benchmarks/ on sys.path)
+
 # (batch, seqlen, heads, head_dim, dtype, dropout_p, causal); lengths uniform in [S/5, S] with
 # one full-length sequence: ~40% padding. The dropout case is BERT's training configuration.
 CPU_CASES = [
@@ -142,18 +144,6 @@ class _Problem:
         return fwd_bwd
 
 
-def _interleaved_min(fns, rounds=3, target_s=0.05):
-    """Min time per call of each callable, timed round-robin so that drift hits all alike."""
-    for fn in fns:
-        fn()
-    per_call = [max(timeit.timeit(fn, number=1), 1e-7) for fn in fns]
-    numbers = [max(1, int(target_s / t)) for t in per_call]
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, (fn, number) in enumerate(zip(fns, numbers)):
-            best[i] = min(best[i], timeit.timeit(fn, number=number) / number)
-    return best
-
 
 @pytest.mark.parametrize("impl", IMPLS + CUDA_IMPLS)
 @pytest.mark.parametrize("device,batch,seqlen,heads,head_dim,dtype,dropout_p,causal", CASES)
@@ -179,7 +169,7 @@ def test_attention(benchmark, mode, device, batch, seqlen, heads, head_dim, dtyp
     disabled = getattr(benchmark, "disabled", False)  # --benchmark-disable: a quick smoke run
     if impl == "bertkern" and not disabled:
         names = IMPLS + (CUDA_IMPLS if device == "cuda" else [])
-        times = _interleaved_min([problem.timed_fn(name, mode) for name in names])
+        times = interleaved_min([problem.timed_fn(name, mode) for name in names])
         info.update({f"speedup_vs_{name}": times[i] / times[0] for i, name in enumerate(names) if i},
                     interleaved_seconds=dict(zip(names, times)))
     seconds = stats.stats.median if stats is not None else timeit.timeit(fn, number=1)

@@ -21,13 +21,13 @@ CPU cases always run (small but real shapes, a minute or two in all on 2 cores);
 BERT-base / BERT-large token counts and skip cleanly when there is no GPU. CUDA is queried only
 when a CUDA case runs, never at import time.
 """
-import timeit
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import bertkern
+
+from _timing import interleaved_min  # benchmarks/_timing.py (pytest puts benchmarks/ on sys.path)
 
 EPS = 1e-5
 
@@ -132,17 +132,6 @@ def _make_fns(op, device, m, n, dtype):
     return torch_fn, bertkern_fn
 
 
-def _interleaved_min_times(fn_a, fn_b, rounds=15, target_s=0.01):
-    """Min seconds per call of fn_a and fn_b, timed alternately with timeit."""
-    fn_a(), fn_b()  # warm up (allocator, lazy init)
-    per_call = max(timeit.timeit(fn_a, number=1), timeit.timeit(fn_b, number=1), 1e-7)
-    number = max(1, int(target_s / per_call))
-    best_a = best_b = float("inf")
-    for _ in range(rounds):
-        best_a = min(best_a, timeit.timeit(fn_a, number=number) / number)
-        best_b = min(best_b, timeit.timeit(fn_b, number=number) / number)
-    return best_a, best_b
-
 
 def _peak_memory_bytes(fn):
     torch.cuda.synchronize()
@@ -162,7 +151,7 @@ def test_layer_norm(benchmark, op, device, m, n, dtype, impl):
 
     benchmark(fn)
 
-    t_torch, t_bertkern = _interleaved_min_times(torch_fn, bertkern_fn)
+    t_torch, t_bertkern = interleaved_min([torch_fn, bertkern_fn], rounds=5, target_s=0.02)
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
     own_min = t_bertkern if impl == "bertkern" else t_torch
     seconds = stats.stats.median if stats is not None else own_min

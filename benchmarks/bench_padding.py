@@ -13,11 +13,11 @@ extra_info: bytes moved (packed tokens read + written), gbps, tokens_per_s (real
 speedup_vs_torch (torch ``x[~mask]`` / index_put time over bertkern's, timed interleaved in the
 same test; 1.0 for the baselines), padding fraction. CPU always; CUDA when a GPU is present.
 """
-import timeit
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+from _timing import interleaved_min  # benchmarks/_timing.py (pytest puts benchmarks/ on sys.path)
 
 # (batch, seqlen, hidden, dtype); lengths uniform in [seqlen/8, seqlen]: ~44% padding
 CPU_SHAPES = [(32, 128, 768, torch.float32), (64, 256, 768, torch.bfloat16)]
@@ -93,16 +93,6 @@ def _fns(op, device, batch, seqlen, hidden, dtype):
     return impls, x_packed.shape[0], float(mask.float().mean())
 
 
-def _interleaved_min(fn_a, fn_b, rounds=5, target_s=0.02):
-    fn_a(), fn_b()
-    per_call = max(timeit.timeit(fn_a, number=1), timeit.timeit(fn_b, number=1), 1e-7)
-    number = max(1, int(target_s / per_call))
-    a = b = float("inf")
-    for _ in range(rounds):
-        a = min(a, timeit.timeit(fn_a, number=number) / number)
-        b = min(b, timeit.timeit(fn_b, number=number) / number)
-    return a, b
-
 
 @pytest.mark.parametrize("impl", ["torch", "torch_alt", "bertkern"])
 @pytest.mark.parametrize("device,batch,seqlen,hidden,dtype", CASES)
@@ -114,7 +104,7 @@ def test_padding(benchmark, op, device, batch, seqlen, hidden, dtype, impl):
     benchmark.group = f"{op} {device} {batch}x{seqlen}x{hidden} {_name(dtype)}"
     fn = impls[name]
     benchmark(fn)
-    t_torch, t_bertkern = _interleaved_min(impls["torch"], impls["bertkern"])
+    t_torch, t_bertkern = interleaved_min([impls["torch"], impls["bertkern"]], rounds=5, target_s=0.02)
     stats = getattr(benchmark, "stats", None)
     seconds = stats.stats.median if stats is not None else t_bertkern
     elem = torch.empty((), dtype=dtype).element_size()

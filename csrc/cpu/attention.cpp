@@ -62,27 +62,8 @@
 #include <type_traits>
 #include <vector>
 
-// at::parallel_for is a header template that parallelizes through "#pragma omp parallel" only
-// when this file is compiled with -fopenmp; otherwise every task runs on the calling thread.
-#if !defined(_OPENMP)
-#warning "bertkern: csrc/cpu/attention.cpp built without -fopenmp: attention tasks run on one thread"
-#endif
+#include "cpu/cpu_common.h"
 
-// One binary for every x86-64 CPU: the softmax / dropout row loops are cloned for AVX-512 and
-// AVX2 (both with FMA) and the clone is picked at load time (GCC ifunc, ELF only).
-#if (defined(__GNUC__) && !defined(__clang__)) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(__AVX512F__)
-#define BK_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BK_MULTIVERSION
-#endif
-
-#if defined(__GNUC__)
-#define BK_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define BK_ALWAYS_INLINE inline
-#endif
 
 // Fortran BLAS exported by libtorch_cpu (the same symbols ATen's CPUBlas.cpp calls). Weak: null
 // when this torch build does not export them, and then the ATen fallback runs.

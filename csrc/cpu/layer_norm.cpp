@@ -50,29 +50,9 @@
 #define BK_X86_DISPATCH 0
 #endif
 
+#include "cpu/cpu_common.h"
 #include "layer_norm_common.h"
 
-// at::parallel_for is a header template that parallelizes through "#pragma omp parallel" only
-// when this file is compiled with -fopenmp; otherwise every row runs on the calling thread.
-#if !defined(_OPENMP)
-#warning "bertkern: csrc/cpu/layer_norm.cpp built without -fopenmp: LayerNorm runs single-threaded"
-#endif
-
-// One binary for every x86-64 CPU: the hot float loops are cloned for AVX-512 and AVX2 (both
-// with FMA) and the clone is picked at load time by an ifunc resolver. GCC on ELF only; elsewhere
-// (or when the whole file is already built for AVX-512) a single version.
-#if BK_X86_DISPATCH && !defined(__clang__) && defined(__linux__) && !defined(__AVX512F__)
-#define BK_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BK_MULTIVERSION
-#endif
-
-#if defined(__GNUC__)
-#define BK_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define BK_ALWAYS_INLINE inline
-#endif
 
 namespace bertkern {
 namespace {

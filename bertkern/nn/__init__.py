@@ -1,4 +1,5 @@
 """nn.Modules built on bertkern.ops."""
+from bertkern.nn.encoder import Encoder, EncoderLayer
 from bertkern.nn.layer_norm import LayerNorm
 
-__all__ = ["LayerNorm"]
+__all__ = ["Encoder", "EncoderLayer", "LayerNorm"]

@@ -259,7 +259,7 @@ def _run_padded(layers, norm, x, attn_bias, pad_mask):
         h = layer._forward_tokens(h, attend)
     if norm is not None:
         h = _norm(norm, h)
-    h = h.reshape(batch, seqlen, -1)
+    h = h.reshape(batch, seqlen, h.shape[-1])
     if pad_mask is not None:
         h = h.masked_fill(pad_mask.unsqueeze(-1), 0.0)
     return h
@@ -367,7 +367,8 @@ def _run(layers, norm, batch_first, nhead, src, mask, key_padding_mask, is_causa
         # No padding: the batch is already packed; no gather, no scatter.
         x = src.reshape(batch * seqlen, e)
         cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=src.device)
-        out = _run_packed(layers, norm, x, cu, seqlen, causal).reshape(batch, seqlen, -1)
+        out = _run_packed(layers, norm, x, cu, seqlen, causal)
+        out = out.reshape(batch, seqlen, out.shape[-1])
         return out.squeeze(0) if unbatched else out
     if pad_mask is None:
         pad_mask = torch.zeros(batch, seqlen, dtype=torch.bool, device=src.device)
@@ -379,6 +380,7 @@ def _run(layers, norm, batch_first, nhead, src, mask, key_padding_mask, is_causa
     x = torch.ops.bertkern.gather_rows(src.reshape(batch * seqlen, e), indices)
     x = _run_packed(layers, norm, x, cu, max_seqlen, causal)
     out = torch.ops.bertkern.scatter_rows(x, indices, batch * seqlen)
-    out = out.view(batch, seqlen, -1) if batch_first else out.view(seqlen, batch, -1)
+    e_out = x.shape[-1]
+    out = out.view(batch, seqlen, e_out) if batch_first else out.view(seqlen, batch, e_out)
     return out.squeeze(0 if batch_first else 1) if unbatched else out
 

@@ -9,10 +9,11 @@ import torch  # noqa: F401  (loads libc10 / libtorch, which bertkern._C links ag
 from bertkern import _C  # noqa: F401  (registers torch.ops.bertkern.*)
 from bertkern import ops
 from bertkern.nn import Encoder, EncoderLayer, LayerNorm
+from bertkern.models import BertConfig, BertModel
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "Encoder", "EncoderLayer", "LayerNorm", "cuda_kernels_built"]
+__all__ = ["ops", "Encoder", "EncoderLayer", "LayerNorm", "BertModel", "BertConfig", "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:

@@ -38,6 +38,7 @@ from torch import nn
 from bertkern.nn.layer_norm import LayerNorm
 from bertkern.ops.attention import attention_varlen
 from bertkern.ops.layer_norm import layer_norm
+from bertkern.ops.linear import linear
 
 __all__ = ["EncoderLayer", "Encoder"]
 
@@ -138,14 +139,15 @@ class EncoderLayer(nn.Module):
         attn = self.self_attn
         n, e = x.shape
         heads = attn.num_heads
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(n, 3, heads, e // heads)
+        qkv = linear(x, attn.in_proj_weight, attn.in_proj_bias).view(n, 3, heads, e // heads)
         q, k, v = qkv.unbind(1)
         p = attn.dropout if self.training else 0.0
         a = attend(q, k, v, p).reshape(n, e)
-        return self.dropout1(F.linear(a, attn.out_proj.weight, attn.out_proj.bias))
+        return self.dropout1(linear(a, attn.out_proj.weight, attn.out_proj.bias))
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        h = self.activation(linear(x, self.linear1.weight, self.linear1.bias))
+        return self.dropout2(linear(self.dropout(h), self.linear2.weight, self.linear2.bias))
 
     def _forward_tokens(self, x: torch.Tensor, attend) -> torch.Tensor:
         if self.norm_first:
@@ -366,7 +368,7 @@ def _run(layers, norm, batch_first, nhead, src, mask, key_padding_mask, is_causa
     if pad_mask is None and batch_first:
         # No padding: the batch is already packed; no gather, no scatter.
         x = src.reshape(batch * seqlen, e)
-        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=src.device)
+        cu = torch.arange(batch + 1, dtype=torch.int32, device=src.device) * seqlen
         out = _run_packed(layers, norm, x, cu, seqlen, causal)
         out = out.reshape(batch, seqlen, out.shape[-1])
         return out.squeeze(0) if unbatched else out

@@ -4,6 +4,7 @@ Mask convention everywhere: ``key_padding_mask[b, s] = True`` means padding (tor
 """
 from bertkern.ops.attention import attention, attention_varlen
 from bertkern.ops.layer_norm import layer_norm
+from bertkern.ops.linear import linear
 from bertkern.ops.padding import (
     key_padding_mask_from_attention_mask,
     key_padding_mask_from_lengths,
@@ -16,6 +17,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "layer_norm",
+    "linear",
     "unpad",
     "pad",
     "mask_to_indices",

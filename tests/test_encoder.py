@@ -268,6 +268,16 @@ def test_state_dict_keys_and_strict_loads_both_ways():
     torch.testing.assert_close(enc.layers[1].linear1.weight, tl.linear1.weight)
 
 
+def test_converting_a_torch_layer_draws_no_random_numbers():
+    layer = nn.TransformerEncoderLayer(32, 4, 48, batch_first=True)
+    state = torch.get_rng_state()
+    enc = bertkern.Encoder(layer, 3)
+    assert torch.equal(torch.get_rng_state(), state)  # as nn.TransformerEncoder(layer, 3)
+    assert all(p.device.type == "cpu" and p.requires_grad for p in enc.parameters())
+    torch.testing.assert_close(enc.layers[2].self_attn.in_proj_weight, layer.self_attn.in_proj_weight)
+    assert enc.layers[0].self_attn.in_proj_weight.data_ptr() != layer.self_attn.in_proj_weight.data_ptr()
+
+
 def test_encoder_layer_alone_matches_torch_layer():
     torch.manual_seed(0)
     tl = nn.TransformerEncoderLayer(32, 4, 48, dropout=0.0, batch_first=True).train()

@@ -126,11 +126,14 @@ class EncoderLayer(nn.Module):
             attn.embed_dim, attn.num_heads, layer.linear1.out_features, dropout=layer.dropout.p,
             activation=copy.deepcopy(layer.activation) if isinstance(layer.activation, nn.Module) else layer.activation,
             layer_norm_eps=layer.norm1.eps, batch_first=attn.batch_first, norm_first=layer.norm_first,
-            bias=layer.linear1.bias is not None, device=w.device, dtype=w.dtype,
+            bias=layer.linear1.bias is not None, device="meta", dtype=w.dtype,
         )
         new.self_attn.dropout = attn.dropout
         new.dropout1.p, new.dropout2.p = layer.dropout1.p, layer.dropout2.p
-        new.load_state_dict(layer.state_dict(), strict=True)
+        # Built on the meta device and given copies of the weights: no random init is drawn,
+        # so converting (like torch's deepcopy of the layer) leaves the RNG stream untouched.
+        state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        new.load_state_dict(state, strict=True, assign=True)
         new.train(layer.training)
         return new
 

@@ -4,7 +4,7 @@ Mask convention everywhere: ``key_padding_mask[b, s] = True`` means padding (tor
 """
 from bertkern.ops.attention import attention, attention_varlen
 from bertkern.ops.layer_norm import layer_norm
-from bertkern.ops.linear import linear
+from bertkern.ops.linear import linear, set_cpu_gemm
 from bertkern.ops.padding import (
     key_padding_mask_from_attention_mask,
     key_padding_mask_from_lengths,
@@ -18,6 +18,7 @@ __all__ = [
     "attention_varlen",
     "layer_norm",
     "linear",
+    "set_cpu_gemm",
     "unpad",
     "pad",
     "mask_to_indices",

@@ -1,0 +1,274 @@
+"""End-to-end encoder benchmarks: bertkern.Encoder / bertkern.BertModel against plain PyTorch and
+HF transformers, train step (forward + backward) and inference.
+
+Run with ``pytest benchmarks --benchmark-only`` (``--benchmark-json=out.json``, then
+``python -m bertkern.bench report out.json`` for a table and a plot).
+
+Implementations (``impl`` in extra_info):
+  bertkern        bertkern.Encoder (from_torch of the torch module: the same weights)
+  bertkern_torch_gemm  (CPU) the same, with its GEMMs on torch's F.linear (MKL) instead of
+                  oneDNN (bertkern.ops.set_cpu_gemm("torch")): what the kernels and the
+                  unpadding give without the GEMM library change (see bertkern/ops/linear.py)
+  torch           nn.TransformerEncoder, torch's math path (training path; in inference run
+                  with torch.backends.mha fast path disabled)
+  torch_nested    nn.TransformerEncoder in eval + inference_mode with enable_nested_tensor:
+                  torch's fast path, which also drops padding (inference only)
+  bertkern_bert   bertkern.BertModel.from_hf(hf): the whole BERT (embeddings, layers, pooler)
+  hf_bert         transformers.BertModel with SDPA attention (skipped without transformers)
+
+Workloads (``workload``): the batch is padded to S; lengths are
+  no_padding  all S
+  uniform     uniform in [S/8, S]
+  long_tail   log-normal around S/4 (a realistic corpus: many short, a few long), one of length S
+
+Each case times all its implementations interleaved in one run (``interleaved_min``), so load
+on the machine hits them alike; every row records real_tokens, padding_fraction,
+tokens_per_s (real tokens), and the bertkern rows ``speedup_vs_<impl>`` against every baseline
+of that run (inference also ``speedup_vs_torch_best``: against the faster of torch's two
+paths). CUDA rows synchronize and record peak memory; they skip cleanly without a GPU.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bertkern
+from _timing import interleaved_min  # benchmarks/_timing.py
+
+_needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA GPU")
+
+# (device, d_model, nhead, dim_feedforward, layers, batch, seqlen, dtype)
+CPU_MODEL = ("cpu", 768, 12, 3072, 2, 32, 128, torch.float32)  # the README's speed-goal config
+CPU_SEQLEN_SWEEP = [("cpu", 768, 12, 3072, 2, 64, 64, torch.float32),
+                    ("cpu", 768, 12, 3072, 2, 8, 512, torch.float32)]
+CUDA_MODELS = [("cuda", 768, 12, 3072, 12, 32, 512, torch.bfloat16),    # BERT-base
+               ("cuda", 1024, 16, 4096, 24, 32, 512, torch.bfloat16)]   # BERT-large
+WORKLOADS = ["no_padding", "uniform", "long_tail"]
+
+
+def _lengths(workload, batch, seqlen, generator):
+    if workload == "no_padding":
+        return torch.full((batch,), seqlen)
+    if workload == "uniform":
+        lengths = torch.randint(max(1, seqlen // 8), seqlen + 1, (batch,), generator=generator)
+    elif workload == "long_tail":
+        z = torch.randn(batch, generator=generator)
+        lengths = torch.exp(math.log(seqlen / 4) + 0.7 * z).round().clamp(2, seqlen).long()
+    else:
+        raise ValueError(workload)
+    lengths[0] = seqlen  # the batch is padded to its longest sequence
+    return lengths
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _case_id(device, d_model, nhead, ffn, layers, batch, seqlen, dtype):
+    return f"{device}-d{d_model}h{nhead}f{ffn}L{layers}-{batch}x{seqlen}-{str(dtype).replace('torch.', '')}"
+
+
+class _Case:
+    """One model config + workload: the modules (same weights) and the inputs."""
+
+    def __init__(self, device, d_model, nhead, ffn, layers, batch, seqlen, dtype, workload, mode):
+        self.device, self.mode, self.dtype = device, mode, dtype
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        lengths = _lengths(workload, batch, seqlen, g)
+        self.kpm = (torch.arange(seqlen)[None, :] >= lengths[:, None]).to(device)  # True = padding
+        self.real_tokens = int(lengths.sum())
+        self.padding_fraction = 1.0 - self.real_tokens / (batch * seqlen)
+        self.batch, self.seqlen, self.d_model = batch, seqlen, d_model
+        layer = nn.TransformerEncoderLayer(d_model, nhead, ffn, dropout=0.1, batch_first=True)
+        self.torch_enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=(mode == "inference"))
+        self.torch_enc.to(device=device, dtype=dtype)
+        self.bk_enc = bertkern.Encoder.from_torch(self.torch_enc)
+        train = mode == "train"
+        for m in (self.torch_enc, self.bk_enc):
+            m.train(train)
+        self.src = torch.randn(batch, seqlen, d_model, generator=g).to(device=device, dtype=dtype)
+        self.grad = (torch.randn(batch, seqlen, d_model, generator=g) * (~self.kpm.cpu()).unsqueeze(-1)).to(
+            device=device, dtype=dtype)
+        self.config = dict(d_model=d_model, nhead=nhead, dim_feedforward=ffn, layers=layers)
+
+    def _encoder_fn(self, module, fast_path=True):
+        src, kpm, grad, device = self.src, self.kpm, self.grad, self.device
+        if self.mode == "train":
+            leaf = src.detach().requires_grad_()
+
+            def train_step():
+                out = module(leaf, src_key_padding_mask=kpm)
+                out.backward(grad)
+                for p in module.parameters():
+                    p.grad = None
+                leaf.grad = None
+                _sync(device)
+            return train_step
+
+        def infer():
+            saved = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(fast_path)
+            try:
+                with torch.inference_mode():
+                    module(src, src_key_padding_mask=kpm)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(saved)
+            _sync(device)
+        return infer
+
+    def fns(self):
+        """{impl: callable} for the encoder implementations of this mode."""
+        fns = {"bertkern": self._encoder_fn(self.bk_enc),
+               "torch": self._encoder_fn(self.torch_enc, fast_path=False)}
+        if self.mode == "inference":
+            fns["torch_nested"] = self._encoder_fn(self.torch_enc, fast_path=True)
+        if self.device == "cpu":
+            fns["bertkern_torch_gemm"] = _with_torch_gemm(fns["bertkern"])
+        return fns
+
+
+def _with_torch_gemm(fn):
+    def run():
+        saved = _onednn()
+        bertkern.ops.set_cpu_gemm("torch")
+        try:
+            fn()
+        finally:
+            bertkern.ops.set_cpu_gemm("onednn" if saved else "torch")
+    return run
+
+
+class _BertCase:
+    """HF BertModel (SDPA) vs bertkern.BertModel.from_hf on the same weights and input ids."""
+
+    def __init__(self, device, d_model, nhead, ffn, layers, batch, seqlen, dtype, workload, mode):
+        transformers = pytest.importorskip("transformers")
+        self.device, self.mode = device, mode
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        lengths = _lengths(workload, batch, seqlen, g)
+        attention_mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
+        self.real_tokens = int(lengths.sum())
+        self.padding_fraction = 1.0 - self.real_tokens / (batch * seqlen)
+        cfg = transformers.BertConfig(vocab_size=30522, hidden_size=d_model, num_attention_heads=nhead,
+                                      intermediate_size=ffn, num_hidden_layers=layers,
+                                      max_position_embeddings=max(512, seqlen), attn_implementation="sdpa")
+        self.hf = transformers.BertModel(cfg).to(device=device, dtype=dtype)
+        self.bk = bertkern.BertModel.from_hf(self.hf)
+        for m in (self.hf, self.bk):
+            m.train(mode == "train")
+        self.input_ids = torch.randint(0, 30522, (batch, seqlen), generator=g).to(device)
+        self.attention_mask = attention_mask.to(device)
+        self.grad = (torch.randn(batch, seqlen, d_model, generator=g) * attention_mask.unsqueeze(-1)).to(
+            device=device, dtype=dtype)
+
+    def _fn(self, model):
+        ids, mask, grad, device = self.input_ids, self.attention_mask, self.grad, self.device
+        if self.mode == "train":
+            def train_step():
+                out = model(ids, attention_mask=mask)
+                out[0].backward(grad)
+                for p in model.parameters():
+                    p.grad = None
+                _sync(device)
+            return train_step
+
+        def infer():
+            with torch.inference_mode():
+                model(ids, attention_mask=mask)
+            _sync(device)
+        return infer
+
+    def fns(self):
+        return {"bertkern_bert": self._fn(self.bk), "hf_bert": self._fn(self.hf)}
+
+
+_RESULTS = {}  # (case key) -> {impl: seconds}, shared by the rows of one case
+
+
+def _run_case(benchmark, key, case, impl, headline):
+    """Times every implementation of the case once, interleaved (cached for the case's other
+    rows), then lets pytest-benchmark time `impl` for its own row."""
+    fns = case.fns()
+    disabled = getattr(benchmark, "disabled", False)
+    if key not in _RESULTS and not disabled:
+        names = list(fns)
+        seconds = interleaved_min([fns[n] for n in names], rounds=2, target_s=0.0)
+        _RESULTS[key] = dict(zip(names, seconds))
+    benchmark.pedantic(fns[impl], rounds=3 if case.device == "cpu" else 10, iterations=1, warmup_rounds=1)
+    info = dict(impl=impl, real_tokens=case.real_tokens, padding_fraction=round(case.padding_fraction, 3))
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        info["tokens_per_s"] = case.real_tokens / stats.stats.min
+    if key in _RESULTS:
+        times = _RESULTS[key]
+        info["interleaved_seconds"] = times
+        info["interleaved_tokens_per_s"] = case.real_tokens / times[impl]
+        if impl == headline:
+            for name, t in times.items():
+                if name != impl:
+                    info[f"speedup_vs_{name}"] = t / times[impl]
+            if "torch_nested" in times:
+                info["speedup_vs_torch_best"] = min(times["torch"], times["torch_nested"]) / times[impl]
+    if case.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        case.fns()[impl]()
+        info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        info["gpu"] = torch.cuda.get_device_name()
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+        info["cpu_gemm"] = "onednn" if _onednn() else "torch"
+    benchmark.extra_info.update(info)
+
+
+def _onednn():
+    from bertkern.ops.linear import onednn_linear_enabled
+
+    return onednn_linear_enabled()
+
+
+def _params(models, impls, workloads, modes):
+    out = []
+    for m in models:
+        marks = [_needs_cuda] if m[0] == "cuda" else []
+        for workload in workloads:
+            for mode in modes:
+                for impl in impls:
+                    if (impl == "torch_nested" and mode == "train") or (impl == "bertkern_torch_gemm" and m[0] != "cpu"):
+                        continue
+                    out.append(pytest.param(m, workload, mode, impl, marks=marks,
+                                            id=f"{_case_id(*m)}-{workload}-{mode}-{impl}"))
+    return out
+
+
+ENCODER_IMPLS = ["bertkern", "torch", "torch_nested", "bertkern_torch_gemm"]
+ENCODER_PARAMS = (_params([CPU_MODEL], ENCODER_IMPLS, WORKLOADS, ["train", "inference"])
+                  + _params(CPU_SEQLEN_SWEEP, ENCODER_IMPLS, ["uniform"], ["inference"])
+                  + _params(CUDA_MODELS, ENCODER_IMPLS, WORKLOADS, ["train", "inference"]))
+
+
+@pytest.mark.parametrize("model,workload,mode,impl", ENCODER_PARAMS)
+def test_encoder(benchmark, model, workload, mode, impl):
+    case = _Case(*model, workload, mode)
+    benchmark.group = f"encoder {mode} {_case_id(*model)} {workload}"
+    key = ("encoder", model, workload, mode)
+    _run_case(benchmark, key, case, impl, headline="bertkern")
+    benchmark.extra_info.update(mode=mode, workload=workload, device=model[0], batch=model[5], seqlen=model[6],
+                                dtype=str(model[7]).replace("torch.", ""), **case.config)
+
+
+BERT_PARAMS = (_params([CPU_MODEL], ["bertkern_bert", "hf_bert"], ["uniform"], ["train", "inference"])
+               + _params(CUDA_MODELS, ["bertkern_bert", "hf_bert"], ["uniform", "long_tail"], ["train", "inference"]))
+
+
+@pytest.mark.parametrize("model,workload,mode,impl", BERT_PARAMS)
+def test_bert(benchmark, model, workload, mode, impl):
+    case = _BertCase(*model, workload, mode)
+    benchmark.group = f"bert {mode} {_case_id(*model)} {workload}"
+    key = ("bert", model, workload, mode)
+    _run_case(benchmark, key, case, impl, headline="bertkern_bert")
+    benchmark.extra_info.update(mode=mode, workload=workload, device=model[0], batch=model[5], seqlen=model[6],
+                                d_model=model[1], layers=model[4], dtype=str(model[7]).replace("torch.", ""))

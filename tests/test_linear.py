@@ -1,4 +1,4 @@
-"""bertkern.ops.linear (the encoder's GEMMs: oneDNN on CPU float32) against an fp64 reference."""
+"""bertkern.ops.linear (the encoder's GEMMs: oneDNN on AMD CPUs for float32, else F.linear) against an fp64 reference."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,15 +11,25 @@ linear_mod = importlib.import_module("bertkern.ops.linear")  # the module (bertk
 needs_onednn = pytest.mark.skipif(not linear_mod._ONEDNN_AVAILABLE, reason="torch built without oneDNN")
 
 
+@pytest.fixture(params=["onednn", "torch"])
+def cpu_gemm(request):
+    """Runs the test on each CPU GEMM route (whatever "auto" picks on this machine)."""
+    if request.param == "onednn" and not linear_mod._ONEDNN_AVAILABLE:
+        pytest.skip("torch built without oneDNN")
+    saved = linear_mod.onednn_linear_enabled()
+    linear_mod.set_cpu_gemm(request.param)
+    yield request.param
+    linear_mod.set_cpu_gemm("onednn" if saved else "torch")
+
+
 def ref_linear(x, w, b):
     y = x.double() @ w.double().t()
     return y if b is None else y + b.double()
 
 
-@needs_onednn
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (64, 96, 288), (33, 768, 3072), (0, 8, 4)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_backward_match_fp64(shape, bias):
+def test_forward_backward_match_fp64(cpu_gemm, shape, bias):
     t, k, n = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(t, k, generator=g, requires_grad=True)
@@ -43,6 +53,8 @@ def test_forward_backward_match_fp64(shape, bias):
 @needs_onednn
 def test_runs_on_onednn_and_can_be_switched_off():
     x, w = torch.randn(4, 8), torch.randn(3, 8)
+    saved = linear_mod.onednn_linear_enabled()
+    linear_mod.set_cpu_gemm("onednn")
     with torch.profiler.profile() as prof:
         bertkern.ops.linear(x, w)
     names = {e.name for e in prof.events()}
@@ -54,9 +66,32 @@ def test_runs_on_onednn_and_can_be_switched_off():
             bertkern.ops.linear(x, w)
         assert "bertkern::linear" not in {e.name for e in prof.events()}
     finally:
-        linear_mod.set_cpu_gemm("onednn")
+        linear_mod.set_cpu_gemm("onednn" if saved else "torch")
     with pytest.raises(ValueError, match="onednn"):
         linear_mod.set_cpu_gemm("mkl")
+
+
+@needs_onednn
+@pytest.mark.parametrize("vendor,onednn", [("AuthenticAMD", True), ("GenuineIntel", False), ("", False)])
+def test_auto_picks_onednn_on_amd_only(monkeypatch, vendor, onednn):
+    saved = linear_mod.onednn_linear_enabled()
+    monkeypatch.setattr(linear_mod, "cpu_vendor", lambda: vendor)
+    try:
+        linear_mod.set_cpu_gemm("auto")
+        assert linear_mod.onednn_linear_enabled() is onednn
+    finally:
+        linear_mod.set_cpu_gemm("onednn" if saved else "torch")
+
+
+def test_cpu_vendor_reads_proc_cpuinfo():
+    vendor = linear_mod.cpu_vendor()
+    assert isinstance(vendor, str)
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if "vendor_id" in text:
+        assert vendor and vendor in text
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -80,8 +115,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.bertkern.linear_bwd.default, (torch.randn(5, 3), x.detach(), w.detach()))
 
 
-@needs_onednn
-def test_deterministic():
+def test_deterministic(cpu_gemm):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(300, 256, generator=g, requires_grad=True)
     w = torch.randn(512, 256, generator=g, requires_grad=True)

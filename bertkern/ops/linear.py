@@ -2,28 +2,59 @@
 
 On CPU, torch's ``F.linear`` on float32 calls MKL's sgemm. On AMD CPUs MKL does not take its
 AVX-512 code path (it dispatches on the vendor), while oneDNN, which also ships inside torch,
-dispatches on the instruction set: on the AMD EPYC this project is developed on, oneDNN's
-fp32 GEMM runs at about twice MKL's speed for BERT shapes (measured in
-benchmarks/bench_linear.py). So on CPU, for float32 2-D inputs outside autocast,
-:func:`linear` runs forward and both backward GEMMs through oneDNN
-(``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend emits), registered
-as the operator ``bertkern::linear`` with a fake and autograd. Everything else (CUDA, other
-dtypes, autocast, N-d inputs) is ``F.linear``.
+dispatches on the instruction set: on an AMD EPYC (AVX-512) oneDNN's fp32 GEMM ran at about
+twice MKL's speed for BERT shapes. On Intel CPUs MKL takes its best path and is as fast as
+oneDNN forward and faster backward (measured on a Xeon with AVX-512: oneDNN 0.64x-0.83x of
+MKL for forward + backward; benchmarks/bench_linear.py). So the default, ``"auto"``, routes
+CPU float32 2-D linears outside autocast through oneDNN (``torch.ops.mkldnn._linear_pointwise``,
+the op torch.compile's CPU backend emits; registered as the operator ``bertkern::linear`` with
+a fake and autograd) on AMD CPUs only, and everywhere else calls ``F.linear``. CUDA, other
+dtypes, autocast and N-d inputs are always ``F.linear``.
 
-``BERTKERN_CPU_GEMM=torch`` (read at import) or ``set_cpu_gemm("torch")`` turns the oneDNN route
-off (to compare, or on a CPU where MKL is the faster one).
+``BERTKERN_CPU_GEMM=auto|onednn|torch`` (read at import) or ``set_cpu_gemm(...)`` chooses.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "onednn_linear_enabled", "set_cpu_gemm"]
+__all__ = ["linear", "onednn_linear_enabled", "set_cpu_gemm", "cpu_vendor"]
 
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_use_onednn = _ONEDNN_AVAILABLE and os.environ.get("BERTKERN_CPU_GEMM", "onednn") != "torch"
+_BACKENDS = ("auto", "onednn", "torch")
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), or "" where it is not known."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _resolve(backend: str) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"set_cpu_gemm: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "onednn" and not _ONEDNN_AVAILABLE:
+        raise RuntimeError("set_cpu_gemm: this torch build has no oneDNN (torch.backends.mkldnn)")
+    if backend == "auto":
+        return _ONEDNN_AVAILABLE and cpu_vendor() == "AuthenticAMD"
+    return backend == "onednn"
+
+
+_env_backend = os.environ.get("BERTKERN_CPU_GEMM", "auto")
+if _env_backend not in _BACKENDS or (_env_backend == "onednn" and not _ONEDNN_AVAILABLE):
+    warnings.warn(f"BERTKERN_CPU_GEMM={_env_backend!r} is not usable here (expected one of {_BACKENDS}, "
+                  "onednn only where torch has oneDNN): using 'auto'", stacklevel=2)
+    _env_backend = "auto"
+_use_onednn = _resolve(_env_backend)
 
 
 def onednn_linear_enabled() -> bool:
@@ -32,13 +63,10 @@ def onednn_linear_enabled() -> bool:
 
 
 def set_cpu_gemm(backend: str) -> None:
-    """"onednn" (the default where torch has oneDNN) or "torch" (``F.linear``, MKL)."""
+    """"auto" (the default: oneDNN on AMD CPUs, else ``F.linear``), "onednn" or "torch"
+    (``F.linear``, MKL)."""
     global _use_onednn
-    if backend not in ("onednn", "torch"):
-        raise ValueError(f"set_cpu_gemm: backend must be 'onednn' or 'torch', got {backend!r}")
-    if backend == "onednn" and not _ONEDNN_AVAILABLE:
-        raise RuntimeError("set_cpu_gemm: this torch build has no oneDNN (torch.backends.mkldnn)")
-    _use_onednn = backend == "onednn"
+    _use_onednn = _resolve(backend)
 
 
 def _mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -47,4 +47,12 @@ TORCH_LIBRARY(bertkern, m) {
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens, SymInt max_seqlen, float scale, bool causal, float dropout_p, "
       "Tensor? dropout_seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+
+  // Dropout, optionally fused with the ReLU before it (CPU kernel, csrc/cpu/dropout.cpp; on CUDA
+  // bertkern.ops.dropout calls torch's fused dropout). y = act(x) * keep / (1 - p), act = relu
+  // or identity; keep from Philox4x32-10 of the element index (see dropout.cpp), p in [0, 1),
+  // seed int64 (1,) required when p > 0. dropout_bwd regenerates the mask, or with relu reads
+  // it off y (the forward output).
+  m.def("dropout_fwd(Tensor x, float p, Tensor? seed, bool relu) -> Tensor");
+  m.def("dropout_bwd(Tensor grad, Tensor? y, float p, Tensor? seed, bool relu) -> Tensor");
 }

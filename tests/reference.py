@@ -75,6 +75,48 @@ def pad_ref(x_packed, indices, batch, seqlen):
     return out.reshape(batch, seqlen, *x_packed.shape[1:])
 
 
+# --- Dropout (csrc/cpu/dropout.cpp) ----------------------------------------------------------
+
+def philox4x32_ref(seed, counters):
+    """numpy Philox4x32-10 on counters (lo32(n), hi32(n), 0, 0), key (lo32(seed), hi32(seed)).
+    Returns the four output words, a (len(counters), 4) uint32 array."""
+    import numpy as np
+
+    mask32 = np.uint64(0xFFFFFFFF)
+    n = np.asarray(counters, dtype=np.uint64)
+    c0, c1 = n & mask32, n >> np.uint64(32)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0 = np.uint64(int(seed) & 0xFFFFFFFF)
+    k1 = np.uint64((int(seed) >> 32) & 0xFFFFFFFF)
+    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    key_a, key_b = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+    for _ in range(10):
+        prod_b, prod_a = round_b * c2, round_a * c0  # < 2^64: exact
+        c0, c2 = ((prod_b >> np.uint64(32)) ^ c1 ^ k0) & mask32, ((prod_a >> np.uint64(32)) ^ c3 ^ k1) & mask32
+        c1, c3 = prod_b & mask32, prod_a & mask32
+        k0, k1 = (k0 + key_a) & mask32, (k1 + key_b) & mask32
+    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+
+
+def dropout_keep_ref(seed, numel, p):
+    """bertkern's CPU dropout keep mask for a contiguous tensor of numel elements: element
+    i = 64 b + 16 j + l (j < 4, l < 16) uses word j of Philox4x32-10 at counter 16 b + l and is
+    kept when the word >= round(p * 2^32). Returns a (numel,) bool tensor."""
+    import numpy as np
+
+    i = np.arange(numel, dtype=np.uint64)
+    b, j, l = i // np.uint64(64), (i % np.uint64(64)) // np.uint64(16), i % np.uint64(16)
+    words = philox4x32_ref(seed, b * np.uint64(16) + l)[np.arange(numel), j.astype(np.int64)]
+    threshold = min(int(round(p * 2**32)), 2**32 - 1)
+    return torch.from_numpy(words.astype(np.uint64) >= np.uint64(threshold))
+
+
+def dropout_ref(x, keep, p, relu=False):
+    """(relu(x) if relu else x) * keep / (1 - p), in fp64, rounded to x.dtype."""
+    xd = x.double().relu() if relu else x.double()
+    return (xd * keep.reshape(x.shape).double() / (1.0 - p)).to(x.dtype)
+
+
 # --- Attention (varlen, causal, dropout) -------------------------------------------------------
 
 def philox_uniform_ref(seed, counters):

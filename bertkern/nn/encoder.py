@@ -37,6 +37,7 @@ from torch import nn
 
 from bertkern.nn.layer_norm import LayerNorm
 from bertkern.ops.attention import attention_varlen
+from bertkern.ops.dropout import dropout as fused_dropout
 from bertkern.ops.layer_norm import layer_norm
 from bertkern.ops.linear import linear
 
@@ -55,6 +56,24 @@ def _activation_fn(activation):
     if not callable(activation):
         raise TypeError(f"activation should be 'relu', 'gelu' or a callable, got {type(activation).__name__}")
     return activation
+
+
+def _is_relu(fn) -> bool:
+    return fn is F.relu or fn is torch.relu
+
+
+def _dropout(module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """``module(relu(x) if relu else x)`` for the layer's nn.Dropout modules; on CPU one fused
+    pass (bertkern.ops.dropout: the mask is never stored). ``x`` is a fresh GEMM output that
+    nothing else reads, so a ReLU without dropout runs in place."""
+    if type(module) is not nn.Dropout:  # a user's own module: call it as is
+        return module(F.relu(x) if relu else x)
+    p = module.p if module.training else 0.0
+    if p == 0.0:
+        return x.relu_() if relu else x
+    if x.device.type == "cpu":
+        return fused_dropout(x, p, True, relu=relu)
+    return module(F.relu(x) if relu else x)
 
 
 def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, return_residual: bool = False):
@@ -146,11 +165,15 @@ class EncoderLayer(nn.Module):
         q, k, v = qkv.unbind(1)
         p = attn.dropout if self.training else 0.0
         a = attend(q, k, v, p).reshape(n, e)
-        return self.dropout1(linear(a, attn.out_proj.weight, attn.out_proj.bias))
+        return _dropout(self.dropout1, linear(a, attn.out_proj.weight, attn.out_proj.bias))
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.activation(linear(x, self.linear1.weight, self.linear1.bias))
-        return self.dropout2(linear(self.dropout(h), self.linear2.weight, self.linear2.bias))
+        h = linear(x, self.linear1.weight, self.linear1.bias)
+        if _is_relu(self.activation):
+            h = _dropout(self.dropout, h, relu=True)  # relu + dropout in one pass
+        else:
+            h = _dropout(self.dropout, self.activation(h))
+        return _dropout(self.dropout2, linear(h, self.linear2.weight, self.linear2.bias))
 
     def _forward_tokens(self, x: torch.Tensor, attend) -> torch.Tensor:
         if self.norm_first:

@@ -3,6 +3,7 @@
 Mask convention everywhere: ``key_padding_mask[b, s] = True`` means padding (torch's).
 """
 from bertkern.ops.attention import attention, attention_varlen
+from bertkern.ops.dropout import dropout
 from bertkern.ops.layer_norm import layer_norm
 from bertkern.ops.linear import linear, set_cpu_gemm
 from bertkern.ops.padding import (
@@ -16,6 +17,7 @@ from bertkern.ops.padding import (
 __all__ = [
     "attention",
     "attention_varlen",
+    "dropout",
     "layer_norm",
     "linear",
     "set_cpu_gemm",

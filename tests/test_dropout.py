@@ -1,0 +1,172 @@
+"""bertkern.ops.dropout (CPU kernel: csrc/cpu/dropout.cpp) against the numpy Philox reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import bertkern
+from tests.reference import dropout_keep_ref, dropout_ref, tolerances
+
+fwd, bwd = torch.ops.bertkern.dropout_fwd, torch.ops.bertkern.dropout_bwd
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def seed_tensor(value):
+    return torch.tensor([value], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (64,), (65,), (3, 130, 17), (0, 5)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_matches_philox_reference(dtype, shape, relu):
+    p, seed = 0.3, 12345678901234
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    keep = dropout_keep_ref(seed, x.numel(), p)
+    y = fwd(x, p, seed_tensor(seed), relu)
+    assert y.shape == x.shape and y.dtype == dtype
+    torch.testing.assert_close(y, dropout_ref(x, keep, p, relu), **tolerances(dtype))
+    # dropped elements are exact zeros, kept ones are never zeroed (randn has no zeros)
+    kept_and_live = keep.reshape(shape) & ((x > 0) if relu else torch.ones_like(keep.reshape(shape)))
+    assert torch.equal(y != 0, kept_and_live)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_backward_matches_reference(dtype, relu):
+    p, seed = 0.25, 99
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 77, generator=g).to(dtype)
+    dy = torch.randn(5, 77, generator=g).to(dtype)
+    keep = dropout_keep_ref(seed, x.numel(), p).reshape(x.shape)
+    if relu:
+        keep = keep & (x > 0)
+    xl = x.clone().requires_grad_()
+    y = fwd(xl, p, seed_tensor(seed), relu)
+    y.backward(dy)
+    ref = (dy.double() * keep.double() / (1 - p)).to(dtype)
+    torch.testing.assert_close(xl.grad, ref, **tolerances(dtype))
+
+
+def test_keep_fraction_is_one_minus_p():
+    x = torch.ones(1 << 20)
+    for p in (0.05, 0.1, 0.5, 0.9):
+        y = fwd(x, p, seed_tensor(7), False)
+        kept = (y != 0).double().mean().item()
+        # binomial std over 2^20 draws is < 5e-4
+        assert abs(kept - (1 - p)) < 3e-3, (p, kept)
+        torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+
+
+def test_p_zero_keeps_everything_and_relu_only():
+    x = torch.randn(100)
+    torch.testing.assert_close(fwd(x, 0.0, None, False), x, rtol=0, atol=0)
+    torch.testing.assert_close(fwd(x, 0.0, None, True), F.relu(x), rtol=0, atol=0)
+
+
+def test_public_function_modes():
+    x = torch.randn(4, 300)
+    assert bertkern.ops.dropout(x, 0.5, training=False) is x
+    torch.testing.assert_close(bertkern.ops.dropout(x, 0.5, training=False, relu=True), F.relu(x))
+    assert torch.count_nonzero(bertkern.ops.dropout(x, 1.0)) == 0
+    torch.manual_seed(3)
+    a = bertkern.ops.dropout(x, 0.4)
+    torch.manual_seed(3)
+    b = bertkern.ops.dropout(x, 0.4)
+    c = bertkern.ops.dropout(x, 0.4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # relu + dropout with the same seed is relu of the plain dropout: one mask, one RNG layout
+    torch.manual_seed(3)
+    torch.testing.assert_close(bertkern.ops.dropout(x, 0.4, relu=True), F.relu(a), rtol=0, atol=0)
+
+
+def test_non_contiguous_input_uses_logical_order():
+    x = torch.randn(40, 30).t()  # (30, 40), not contiguous
+    y = fwd(x, 0.5, seed_tensor(11), False)
+    torch.testing.assert_close(y, fwd(x.contiguous(), 0.5, seed_tensor(11), False), rtol=0, atol=0)
+
+
+def test_independent_of_thread_count():
+    x = torch.randn(3, 100003)
+    saved = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xl = x.clone().requires_grad_()
+            y = fwd(xl, 0.2, seed_tensor(5), False)
+            y.backward(torch.ones_like(y))
+            outs.append((y, xl.grad))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_seed_high_word_is_part_of_the_key():
+    x = torch.ones(256)
+    a = fwd(x, 0.5, seed_tensor(1), False)
+    b = fwd(x, 0.5, seed_tensor(1 + (1 << 32)), False)
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, dropout_ref(x, dropout_keep_ref(1 + 0, 256, 0.5), 0.5), rtol=0, atol=0)
+    torch.testing.assert_close(b, dropout_ref(x, dropout_keep_ref(1 + (1 << 32), 256, 0.5), 0.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradcheck_fp64(relu):
+    x = torch.randn(6, 11, dtype=torch.float64)
+    x = torch.where(x.abs() < 0.1, x + 0.3, x).requires_grad_()  # away from relu's kink
+    torch.autograd.gradcheck(lambda t: fwd(t, 0.3, seed_tensor(42), relu), (x,))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_opcheck(relu):
+    x = torch.randn(9, 13, requires_grad=True)
+    torch.library.opcheck(fwd, (x, 0.3, seed_tensor(4), relu))
+    torch.library.opcheck(fwd, (x, 0.0, None, relu))
+    y = fwd(x.detach(), 0.3, seed_tensor(4), relu)
+    torch.library.opcheck(bwd, (torch.randn(9, 13), y if relu else None, 0.3, seed_tensor(4), relu))
+
+
+def test_bad_input():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="p must be in"):
+        fwd(x, 1.0, seed_tensor(1), False)
+    with pytest.raises(ValueError, match="p must be in"):
+        fwd(x, -0.1, seed_tensor(1), False)
+    with pytest.raises(ValueError, match="seed is required"):
+        fwd(x, 0.5, None, False)
+    with pytest.raises(TypeError, match="seed must be int64"):
+        fwd(x, 0.5, torch.tensor([1.0]), False)
+    with pytest.raises(ValueError, match="seed must have shape"):
+        fwd(x, 0.5, torch.tensor([1, 2]), False)
+    with pytest.raises(TypeError, match="x must be float32"):
+        fwd(torch.ones(4, dtype=torch.int32), 0.5, seed_tensor(1), False)
+    with pytest.raises(ValueError, match="y .* is required"):
+        bwd(x, None, 0.5, seed_tensor(1), True)
+    with pytest.raises(ValueError, match="must have grad's shape"):
+        bwd(x, torch.randn(5), 0.5, seed_tensor(1), True)
+    with pytest.raises(ValueError, match="p must be a number"):
+        bertkern.ops.dropout(x, 1.5)
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        bertkern.ops.dropout([1.0], 0.5)
+
+
+def test_compile_traces_the_op():
+    x = torch.randn(8, 70)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(t):
+        return bertkern.ops.dropout(t, 0.5, relu=True) * 2
+
+    torch.manual_seed(0)
+    out = f(x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (F.relu(x) * 4)[kept])
+
+
+@settings(max_examples=25, deadline=None)
+@given(numel=st.integers(0, 600), p=st.floats(0.0, 0.95), seed=st.integers(0, 2**62 - 1), relu=st.booleans())
+def test_property_matches_reference(numel, p, seed, relu):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    y = fwd(x, p, seed_tensor(seed) if p > 0 else None, relu)
+    keep = dropout_keep_ref(seed, numel, p) if p > 0 else torch.ones(numel, dtype=torch.bool)
+    torch.testing.assert_close(y, dropout_ref(x, keep, p, relu), **tolerances(torch.float32))

@@ -14,3 +14,21 @@ def interleaved_min(fns, rounds=3, target_s=0.05):
         for i, (fn, number) in enumerate(zip(fns, numbers)):
             best[i] = min(best[i], timeit.timeit(fn, number=number) / number)
     return best
+
+
+def cpu_peak_bytes(fn):
+    """Peak bytes of CPU tensor memory allocated by ``fn()`` above what was live when it
+    started: the running sum of the allocations and frees the profiler records
+    (profile_memory=True), in time order. The CPU allocator keeps no peak statistics of its
+    own (torch.cuda.max_memory_allocated's counterpart)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in deltas:
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)

@@ -27,8 +27,13 @@ on the machine hits them alike; every row records real_tokens, padding_fraction,
 tokens_per_s (real tokens), and the bertkern rows ``speedup_vs_<impl>`` against every baseline
 of that run (inference also ``speedup_vs_torch_best``: against the faster of torch's two
 paths) and, on CPU, ``alt_gemm_ratio`` (bertkern_alt_gemm time / bertkern time: > 1 means the
-default GEMM route is the faster one here). CUDA rows synchronize and record peak memory; they
-skip cleanly without a GPU.
+default GEMM route is the faster one here), ``gemm_only_seconds`` (the layers' GEMMs alone on
+the real tokens, timed in the same interleaved run: a floor for the same fp32 math),
+``gemm_share`` (that floor / bertkern time) and ``speedup_bound_vs_torch_best`` (the faster
+torch path / that floor: the largest speedup any real-tokens-only implementation could show).
+CUDA rows synchronize and skip cleanly without a GPU. Every row records ``peak_memory_bytes``: on CUDA
+torch.cuda.max_memory_allocated over one call, on CPU the peak of the tensor memory allocated
+during one call as torch's profiler records it (benchmarks/_timing.py: cpu_peak_bytes).
 """
 import math
 
@@ -37,7 +42,7 @@ import torch
 from torch import nn
 
 import bertkern
-from _timing import interleaved_min  # benchmarks/_timing.py
+from _timing import cpu_peak_bytes, interleaved_min  # benchmarks/_timing.py
 
 _needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA GPU")
 
@@ -130,7 +135,39 @@ class _Case:
             fns["torch_nested"] = self._encoder_fn(self.torch_enc, fast_path=True)
         if self.device == "cpu":
             fns["bertkern_alt_gemm"] = _with_alt_gemm(fns["bertkern"])
+            fns["gemm_only"] = self._gemm_only_fn()
         return fns
+
+    def _gemm_only_fn(self):
+        """The layers' four GEMMs alone on the real tokens (bertkern.ops.linear, the same
+        weights; forward, + backward in train): the floor under any implementation that
+        computes the same fp32 math on real tokens only."""
+        from bertkern.ops.linear import linear
+
+        e, t = self.d_model, self.real_tokens
+        g = torch.Generator().manual_seed(1)
+        train = self.mode == "train"
+        x = torch.randn(t, e, generator=g).to(device=self.device, dtype=self.dtype).requires_grad_(train)
+        ffn = self.config["dim_feedforward"]
+        h = torch.randn(t, ffn, generator=g).to(device=self.device, dtype=self.dtype).requires_grad_(train)
+        layers = self.bk_enc.layers
+
+        def run():
+            with torch.set_grad_enabled(train):
+                outs = []
+                for layer in layers:
+                    attn = layer.self_attn
+                    outs += [linear(x, attn.in_proj_weight, attn.in_proj_bias),
+                             linear(x, attn.out_proj.weight, attn.out_proj.bias),
+                             linear(x, layer.linear1.weight, layer.linear1.bias),
+                             linear(h, layer.linear2.weight, layer.linear2.bias)]
+                if train:
+                    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+                    for p in self.bk_enc.parameters():
+                        p.grad = None
+                    x.grad = h.grad = None
+            _sync(self.device)
+        return run
 
 
 def _with_alt_gemm(fn):
@@ -214,6 +251,11 @@ def _run_case(benchmark, key, case, impl, headline):
             for name, t in times.items():
                 if name == "bertkern_alt_gemm":  # not a baseline: bertkern itself on the other GEMM route
                     info["alt_gemm_ratio"] = t / times[impl]
+                elif name == "gemm_only":  # not a baseline: the GEMMs alone, a floor
+                    info["gemm_only_seconds"] = t
+                    info["gemm_share"] = t / times[impl]
+                    torch_best = min(times["torch"], times.get("torch_nested", float("inf")))
+                    info["speedup_bound_vs_torch_best"] = torch_best / t
                 elif name != impl:
                     info[f"speedup_vs_{name}"] = t / times[impl]
             if "torch_nested" in times:
@@ -224,6 +266,7 @@ def _run_case(benchmark, key, case, impl, headline):
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         info["gpu"] = torch.cuda.get_device_name()
     else:
+        info["peak_memory_bytes"] = cpu_peak_bytes(case.fns()[impl])
         info["cpu_threads"] = torch.get_num_threads()
         info["cpu_gemm"] = "onednn" if _onednn() else "torch"
     benchmark.extra_info.update(info)

@@ -21,11 +21,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 
-#include "cpu_common.h"
+#include "cpu/convert.h"
+#include "cpu/cpu_common.h"
 
 namespace bertkern {
 namespace {
@@ -79,62 +81,72 @@ struct Rng {
   uint32_t seed_lo, seed_hi, threshold;
 };
 
-// out[i] = f(in[i], keep(i)) for i in [begin, end), begin a multiple of kBlock.
+// out[j] = f(in[j], keep(first + j)) for j in [0, count): in and out point at element `first`
+// of the tensor, a multiple of kBlock.
 template <typename scalar_t, typename F>
-BK_ALWAYS_INLINE void masked_map(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end,
+BK_ALWAYS_INLINE void masked_map(const scalar_t* in, scalar_t* out, int64_t count, int64_t first,
                                  const Rng& rng, F f) {
   alignas(64) uint32_t words[kBlock];
   const uint32_t threshold = rng.threshold;
-  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-    philox_block(static_cast<uint64_t>(i0), rng.seed_lo, rng.seed_hi, words);
-    const scalar_t* src = in + i0;
-    scalar_t* dst = out + i0;
-    if (end - i0 >= kBlock) {
+  for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
+    philox_block(static_cast<uint64_t>(first + j0), rng.seed_lo, rng.seed_hi, words);
+    const scalar_t* src = in + j0;
+    scalar_t* dst = out + j0;
+    if (count - j0 >= kBlock) {
       for (int64_t j = 0; j < kBlock; ++j) dst[j] = f(src[j], words[j] >= threshold);
     } else {
-      for (int64_t j = 0; j < end - i0; ++j) dst[j] = f(src[j], words[j] >= threshold);
+      for (int64_t j = 0; j < count - j0; ++j) dst[j] = f(src[j], words[j] >= threshold);
     }
   }
 }
 
 // The float32 loops, cloned per instruction set (the Philox rounds vectorize on AVX-512).
-BK_MULTIVERSION void dropout_fwd_f32(const float* x, float* y, int64_t begin, int64_t end, Rng rng,
+BK_MULTIVERSION void dropout_fwd_f32(const float* x, float* y, int64_t count, int64_t first, Rng rng,
                                      float scale, bool relu) {
   if (relu) {
-    masked_map(x, y, begin, end, rng, [scale](float v, bool k) { return (k & (v > 0.f)) ? v * scale : 0.f; });
+    masked_map(x, y, count, first, rng, [scale](float v, bool k) { return (k & (v > 0.f)) ? v * scale : 0.f; });
   } else {
-    masked_map(x, y, begin, end, rng, [scale](float v, bool k) { return k ? v * scale : 0.f; });
+    masked_map(x, y, count, first, rng, [scale](float v, bool k) { return k ? v * scale : 0.f; });
   }
 }
 
-BK_MULTIVERSION void dropout_bwd_f32(const float* dy, float* dx, int64_t begin, int64_t end, Rng rng,
+BK_MULTIVERSION void dropout_bwd_f32(const float* dy, float* dx, int64_t count, int64_t first, Rng rng,
                                      float scale) {
-  masked_map(dy, dx, begin, end, rng, [scale](float g, bool k) { return k ? g * scale : 0.f; });
+  masked_map(dy, dx, count, first, rng, [scale](float g, bool k) { return k ? g * scale : 0.f; });
 }
 
-BK_MULTIVERSION void relu_dropout_bwd_f32(const float* dy, const float* y, float* dx, int64_t begin,
-                                          int64_t end, float scale) {
-  for (int64_t i = begin; i < end; ++i) dx[i] = y[i] > 0.f ? dy[i] * scale : 0.f;
+BK_MULTIVERSION void relu_dropout_bwd_f32(const float* dy, const float* y, float* dx, int64_t count,
+                                          float scale) {
+  for (int64_t i = 0; i < count; ++i) dx[i] = y[i] > 0.f ? dy[i] * scale : 0.f;
 }
 
-template <typename scalar_t>
-void dropout_fwd_generic(const scalar_t* x, scalar_t* y, int64_t begin, int64_t end, const Rng& rng,
-                         double scale, bool relu) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const acc_t s = static_cast<acc_t>(scale);
-  masked_map(x, y, begin, end, rng, [s, relu](scalar_t v, bool k) {
-    const acc_t a = static_cast<acc_t>(v);
-    return static_cast<scalar_t>((k && (!relu || a > acc_t(0))) ? a * s : acc_t(0));
-  });
+BK_MULTIVERSION void dropout_fwd_f64(const double* x, double* y, int64_t count, int64_t first, Rng rng,
+                                     double scale, bool relu) {
+  masked_map(x, y, count, first, rng,
+             [scale, relu](double v, bool k) { return (k & (!relu | (v > 0.0))) ? v * scale : 0.0; });
 }
 
-template <typename scalar_t>
-void dropout_bwd_generic(const scalar_t* dy, scalar_t* dx, int64_t begin, int64_t end, const Rng& rng,
-                         double scale) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const acc_t s = static_cast<acc_t>(scale);
-  masked_map(dy, dx, begin, end, rng,
-             [s](scalar_t g, bool k) { return static_cast<scalar_t>(k ? static_cast<acc_t>(g) * s : acc_t(0)); });
+BK_MULTIVERSION void dropout_bwd_f64(const double* dy, double* dx, int64_t count, int64_t first, Rng rng,
+                                     double scale) {
+  masked_map(dy, dx, count, first, rng, [scale](double g, bool k) { return k ? g * scale : 0.0; });
+}
+
+// float16 / bfloat16: widened to float32 a chunk at a time (convert.h), the float32 loop, and
+// rounded back (to nearest even, as c10 rounds).
+constexpr int64_t kChunk = 32 * kBlock;
+
+template <typename scalar_t, typename F>
+void through_f32(const scalar_t* in, const scalar_t* in2, scalar_t* out, int64_t count, int64_t first, F f32_op) {
+  alignas(64) float a[kChunk];
+  alignas(64) float b[kChunk];
+  alignas(64) float c[kChunk];
+  for (int64_t j0 = 0; j0 < count; j0 += kChunk) {
+    const int64_t m = std::min(kChunk, count - j0);
+    to_float(in + j0, a, m);
+    if (in2 != nullptr) to_float(in2 + j0, b, m);
+    f32_op(a, b, c, m, first + j0);
+    from_float(c, out + j0, m);
+  }
 }
 
 // ---- checks and entry points --------------------------------------------------------------
@@ -185,16 +197,31 @@ at::Tensor dropout_fwd_cpu(const at::Tensor& x_in, double p, const std::optional
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
   const double scale = 1.0 / (1.0 - p);
-  if (x.scalar_type() == at::kFloat) {
-    const float* xp = x.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_fwd_f32(xp, yp, b, e, rng, static_cast<float>(scale), relu); });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_fwd", [&] {
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      scalar_t* yp = y.data_ptr<scalar_t>();
-      parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_fwd_generic(xp, yp, b, e, rng, scale, relu); });
-    });
+  const float scale_f = static_cast<float>(scale);
+  switch (x.scalar_type()) {
+    case at::kFloat: {
+      const float* xp = x.data_ptr<float>();
+      float* yp = y.data_ptr<float>();
+      parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_fwd_f32(xp + b, yp + b, e - b, b, rng, scale_f, relu); });
+      break;
+    }
+    case at::kDouble: {
+      const double* xp = x.data_ptr<double>();
+      double* yp = y.data_ptr<double>();
+      parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_fwd_f64(xp + b, yp + b, e - b, b, rng, scale, relu); });
+      break;
+    }
+    default:
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "dropout_fwd", [&] {
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        parallel_blocks(n, [&](int64_t b, int64_t e) {
+          through_f32(xp + b, static_cast<const scalar_t*>(nullptr), yp + b, e - b, b,
+                      [&](const float* a, const float*, float* c, int64_t m, int64_t first) {
+                        dropout_fwd_f32(a, c, m, first, rng, scale_f, relu);
+                      });
+        });
+      });
   }
   return y;
 }
@@ -205,6 +232,7 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& dy_in, const std::optional<at::Tens
   check_float(dy_in, op, "grad");
   check_p(p, op);
   const double scale = 1.0 / (1.0 - p);
+  const float scale_f = static_cast<float>(scale);
   const at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = at::empty_like(dy, at::MemoryFormat::Contiguous);
   const int64_t n = dy.numel();
@@ -218,37 +246,63 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& dy_in, const std::optional<at::Tens
     TORCH_CHECK_VALUE(y_ref.sizes() == dy.sizes(), op, ": y must have grad's shape ", dy.sizes(), ", got ",
                       y_ref.sizes());
     const at::Tensor y = y_ref.contiguous();
-    if (dy.scalar_type() == at::kFloat) {
-      const float* g = dy.data_ptr<float>();
-      const float* yp = y.data_ptr<float>();
-      float* d = dx.data_ptr<float>();
-      parallel_blocks(n, [&](int64_t b, int64_t e) { relu_dropout_bwd_f32(g, yp, d, b, e, static_cast<float>(scale)); });
-    } else {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "relu_dropout_bwd", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        const scalar_t* g = dy.data_ptr<scalar_t>();
-        const scalar_t* yp = y.data_ptr<scalar_t>();
-        scalar_t* d = dx.data_ptr<scalar_t>();
-        const acc_t s = static_cast<acc_t>(scale);
+    switch (dy.scalar_type()) {
+      case at::kFloat: {
+        const float* g = dy.data_ptr<float>();
+        const float* yp = y.data_ptr<float>();
+        float* d = dx.data_ptr<float>();
+        parallel_blocks(n, [&](int64_t b, int64_t e) { relu_dropout_bwd_f32(g + b, yp + b, d + b, e - b, scale_f); });
+        break;
+      }
+      case at::kDouble: {
+        const double* g = dy.data_ptr<double>();
+        const double* yp = y.data_ptr<double>();
+        double* d = dx.data_ptr<double>();
         parallel_blocks(n, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i)
-            d[i] = static_cast<scalar_t>(static_cast<acc_t>(yp[i]) > acc_t(0) ? static_cast<acc_t>(g[i]) * s : acc_t(0));
+          for (int64_t i = b; i < e; ++i) d[i] = yp[i] > 0.0 ? g[i] * scale : 0.0;
         });
-      });
+        break;
+      }
+      default:
+        AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "relu_dropout_bwd", [&] {
+          const scalar_t* g = dy.data_ptr<scalar_t>();
+          const scalar_t* yp = y.data_ptr<scalar_t>();
+          scalar_t* d = dx.data_ptr<scalar_t>();
+          parallel_blocks(n, [&](int64_t b, int64_t e) {
+            through_f32(g + b, yp + b, d + b, e - b, b,
+                        [&](const float* ga, const float* ya, float* c, int64_t m, int64_t) {
+                          relu_dropout_bwd_f32(ga, ya, c, m, scale_f);
+                        });
+          });
+        });
     }
     return dx;
   }
   const Rng rng = make_rng(p, seed, op);
-  if (dy.scalar_type() == at::kFloat) {
-    const float* g = dy.data_ptr<float>();
-    float* d = dx.data_ptr<float>();
-    parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_bwd_f32(g, d, b, e, rng, static_cast<float>(scale)); });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "dropout_bwd", [&] {
-      const scalar_t* g = dy.data_ptr<scalar_t>();
-      scalar_t* d = dx.data_ptr<scalar_t>();
-      parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_bwd_generic(g, d, b, e, rng, scale); });
-    });
+  switch (dy.scalar_type()) {
+    case at::kFloat: {
+      const float* g = dy.data_ptr<float>();
+      float* d = dx.data_ptr<float>();
+      parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_bwd_f32(g + b, d + b, e - b, b, rng, scale_f); });
+      break;
+    }
+    case at::kDouble: {
+      const double* g = dy.data_ptr<double>();
+      double* d = dx.data_ptr<double>();
+      parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_bwd_f64(g + b, d + b, e - b, b, rng, scale); });
+      break;
+    }
+    default:
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "dropout_bwd", [&] {
+        const scalar_t* g = dy.data_ptr<scalar_t>();
+        scalar_t* d = dx.data_ptr<scalar_t>();
+        parallel_blocks(n, [&](int64_t b, int64_t e) {
+          through_f32(g + b, static_cast<const scalar_t*>(nullptr), d + b, e - b, b,
+                      [&](const float* a, const float*, float* c, int64_t m, int64_t first) {
+                        dropout_bwd_f32(a, c, m, first, rng, scale_f);
+                      });
+        });
+      });
   }
   return dx;
 }

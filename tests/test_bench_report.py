@@ -144,6 +144,23 @@ def test_render_markdown_and_plot(synthetic_json, tmp_path):
         assert png is None and "matplotlib is not installed" in text
 
 
+def test_gemm_floor_columns(tmp_path):
+    data = _synthetic()
+    data["benchmarks"] = [
+        _bench("test_e[bertkern]", "enc", 0.4, impl="bertkern", speedup_vs_torch=1.3, gemm_only_seconds=0.36,
+               speedup_bound_vs_torch_best=1.46, gemm_share=0.9, alt_gemm_ratio=1.1, mode="inference"),
+        _bench("test_e[torch]", "enc", 0.52, impl="torch", mode="inference")]
+    path = tmp_path / "floor.json"
+    path.write_text(json.dumps(data))
+    text, _ = report.render(path, tmp_path)
+    table = text.split("### enc", 1)[1]
+    assert "| GEMMs alone | bound vs torch_best |" in table
+    assert "360 ms" in table and "1.46x" in table
+    assert "gemm_share" not in table and "alt_gemm_ratio" not in table  # not in the common line
+    summary = text.split("## Summary", 1)[1].split("## Results", 1)[0]
+    assert "bound" not in summary  # a bound is not a baseline
+
+
 def test_render_defaults_next_to_json(synthetic_json):
     text, png = report.render(str(synthetic_json))
     assert (synthetic_json.parent / "report.md").exists()

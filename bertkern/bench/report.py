@@ -36,7 +36,8 @@ NO_GROUP = "(no group)"
 # extra_info keys shown in their own table columns (or not at all) rather than in a group's
 # "common settings" line.
 _METRIC_KEYS = {"impl", "seconds", "tokens_per_s", "tflops", "gbps", "peak_memory_bytes",
-                "interleaved_tokens_per_s"}
+                "interleaved_tokens_per_s", "gemm_only_seconds", "gemm_share", "speedup_bound_vs_torch_best",
+                "alt_gemm_ratio"}
 
 
 class ReportError(Exception):
@@ -349,7 +350,11 @@ def group_table(rows):
     columns.append(("median", lambda r: fmt_time(r.median)))
     optional = [("tokens/s", "tokens_per_s", fmt_si), ("padding", "padding_fraction", fmt_fraction),
                 ("TFLOP/s", "tflops", fmt_plain), ("GB/s", "gbps", fmt_plain),
-                ("peak memory", "peak_memory_bytes", fmt_bytes)]
+                ("peak memory", "peak_memory_bytes", fmt_bytes),
+                # encoder rows: the layers' GEMMs alone on the real tokens, and what that floor
+                # allows against the faster torch path (benchmarks/bench_encoder.py)
+                ("GEMMs alone", "gemm_only_seconds", fmt_time),
+                ("bound vs torch_best", "speedup_bound_vs_torch_best", fmt_speedup)]
     for header, key, fmt in optional:
         if any(r.get(key) is not None for r in rows):
             columns.append((header, lambda r, key=key, fmt=fmt: fmt(r.get(key))))

@@ -281,11 +281,11 @@ def _run_case(benchmark, key, case, impl, headline):
                 info["speedup_vs_torch_best"] = min(times["torch"], times["torch_nested"]) / times[impl]
     if case.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        case.fns()[impl]()
+        fns[impl]()
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         info["gpu"] = torch.cuda.get_device_name()
     else:
-        info["peak_memory_bytes"] = cpu_peak_bytes(case.fns()[impl])
+        info["peak_memory_bytes"] = cpu_peak_bytes(fns[impl])
         info["cpu_threads"] = torch.get_num_threads()
         info["cpu_gemm"] = "onednn" if _onednn() else "torch"
     benchmark.extra_info.update(info)

@@ -199,8 +199,9 @@ def test_float_key_padding_mask_zero_inf_is_the_fast_path(monkeypatch):
     torch.testing.assert_close(out_float, out_bool, rtol=0, atol=0)
 
 
-def test_fully_padded_sequence_gives_zeros_and_finite_grads():
-    bk = bertkern.Encoder.from_torch(torch_encoder())
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # 0.3: training through the fused CPU dropout
+def test_fully_padded_sequence_gives_zeros_and_finite_grads(dropout):
+    bk = bertkern.Encoder.from_torch(torch_encoder(dropout=dropout)).train()
     kpm = torch.zeros(3, 6, dtype=torch.bool)
     kpm[1] = True
     kpm[2, 4:] = True

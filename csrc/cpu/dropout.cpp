@@ -28,41 +28,14 @@
 
 #include "cpu/convert.h"
 #include "cpu/cpu_common.h"
+#include "cpu/philox.h"
 
 namespace bertkern {
 namespace {
 
 constexpr uint64_t kLow = 0xffffffffu;
-constexpr uint64_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
-constexpr uint64_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
 // Counters handled per inner block: enough independent lanes for the vectorizer.
 constexpr int64_t kLanes = 16;
-
-// Philox4x32-10 of counter (lo32(n), hi32(n), 0, 0), key (k0, k1): the four output words.
-// 32-bit words live in 64-bit variables whose high halves are don't-care (products take the
-// low halves only), the shape GCC vectorizes well across a loop over counters (see
-// attention.cpp's philox_first_word).
-BK_ALWAYS_INLINE void philox4x32(uint64_t n, uint64_t key0, uint64_t key1, uint32_t& w0, uint32_t& w1,
-                                 uint32_t& w2, uint32_t& w3) {
-  uint64_t c0 = n & kLow, c1 = n >> 32, c2 = 0, c3 = 0, k0 = key0, k1 = key1;
-#pragma GCC unroll 10
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t prod_a = (c0 & kLow) * kRoundA;
-    const uint64_t prod_b = (c2 & kLow) * kRoundB;
-    const uint64_t next_c0 = (prod_b >> 32) ^ c1 ^ k0;
-    const uint64_t next_c2 = (prod_a >> 32) ^ c3 ^ k1;
-    c1 = prod_b;
-    c3 = prod_a;
-    c0 = next_c0;
-    c2 = next_c2;
-    k0 = (k0 + kKeyA) & kLow;
-    k1 = (k1 + kKeyB) & kLow;
-  }
-  w0 = static_cast<uint32_t>(c0);
-  w1 = static_cast<uint32_t>(c1);
-  w2 = static_cast<uint32_t>(c2);
-  w3 = static_cast<uint32_t>(c3);
-}
 
 // The words of one block of 4 * kLanes elements starting at element i0 (a multiple of the
 // block): counter i0 / 4 + l gives word j to element i0 + j * kLanes + l, so each word array
@@ -70,12 +43,12 @@ BK_ALWAYS_INLINE void philox4x32(uint64_t n, uint64_t key0, uint64_t key1, uint3
 BK_ALWAYS_INLINE void philox_block(uint64_t i0, uint32_t seed_lo, uint32_t seed_hi, uint32_t* words) {
   const uint64_t n0 = i0 / 4;
   for (int64_t l = 0; l < kLanes; ++l) {
-    philox4x32(n0 + static_cast<uint64_t>(l), seed_lo, seed_hi, words[l], words[kLanes + l],
-               words[2 * kLanes + l], words[3 * kLanes + l]);
+    philox4x32_10(n0 + static_cast<uint64_t>(l), seed_lo, seed_hi, words[l], words[kLanes + l],
+                  words[2 * kLanes + l], words[3 * kLanes + l]);
   }
 }
 
-constexpr int64_t kBlock = 4 * kLanes;  // elements per keep_block
+constexpr int64_t kBlock = 4 * kLanes;  // elements per philox_block
 
 struct Rng {
   uint32_t seed_lo, seed_hi, threshold;

@@ -1,16 +1,21 @@
 """bertkern.EncoderLayer / bertkern.Encoder: drop-in nn.TransformerEncoderLayer / Encoder that
 compute real tokens only.
 
-Data flow (see DESIGN.md)::
+Data flow (DESIGN.md in the team's shared notes; README "What drop-in means")::
 
     src (B, S, E) + src_key_padding_mask (B, S), True = padding
       -> gather the T real tokens once                            x (T, E), cu_seqlens, max_seqlen
-      -> per layer: one QKV GEMM, varlen fused attention, out_proj,
-         fused residual + LayerNorm, FFN, fused residual + LayerNorm
+      -> per layer, called as a module: layer(x, is_causal=..., cu_seqlens=..., max_seqlen=...)
+         self_attn(x, x, x, need_weights=False, cu_seqlens=...)   one QKV GEMM, varlen attention
+         norm1 / norm2 fused with the residual add, linear1 / linear2 on (T, E)
       -> scatter back once                                        (B, S, E), zeros at padding
 
-Constructors, attributes and state_dict keys are torch's, so weights load strictly both ways
-and ``Encoder.from_torch`` converts an existing ``nn.TransformerEncoder``.
+The module contract: every layer is called as a module (hooks, ``checkpoint_wrapper``, FSDP2's
+hooks and subclass overrides act) and every submodule that is not exactly the stock class with
+nothing attached is called as a module too (``bertkern.nn._contract``); the fused kernels are
+the fast path of the stock case only. A layer that cannot take packed tokens (a torch layer
+kept as it is, a subclass whose ``forward`` has torch's exact signature) is given the padded
+batch of the same tokens.
 
 Masks:
   * ``src_key_padding_mask`` (B, S): bool (True = padding) or float (-inf = padding, 0 = keep);
@@ -18,9 +23,10 @@ Masks:
   * ``mask`` (S, S): a causal mask (torch's ``generate_square_subsequent_mask``, bool or float,
     or any mask with ``is_causal=True``) runs in the fused kernel with ``causal=True``.
   * Any other ``mask`` ((S, S) or (B * nhead, S, S), bool or float), a float key-padding mask
-    with values other than 0 / -inf, or a head dim the Triton kernel does not take on CUDA,
-    takes the *fallback path*: every layer on the padded batch with
-    ``F.scaled_dot_product_attention`` and the masks added; correct, slower.
+    with values other than 0 / -inf, a head dim the Triton kernel does not take on CUDA, or an
+    ONNX export / ``torch.jit.trace`` takes the *padded path*: every layer called as torch
+    calls it, ``layer(src, src_mask=..., src_key_padding_mask=..., is_causal=...)``, attention
+    by ``F.scaled_dot_product_attention`` with the masks added; correct, slower.
 
 Outputs at padded positions are zero on every path (torch's training path leaves values
 computed from padding there). A query that may attend to no key (a fully padded sequence)
@@ -29,21 +35,30 @@ gives zeros and zero gradients, never NaN.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertkern.errors import (TypeAndAssertionError, TypeAndAttributeError, TypeAndRuntimeError,
+                             ValueAndAssertionError, ValueAndRuntimeError)
+from bertkern.nn._contract import is_stock, pure_torch
+from bertkern.nn.attention import MultiheadAttention, additive_mask, call_linear, causal_mask
 from bertkern.nn.layer_norm import LayerNorm
-from bertkern.ops.attention import attention_varlen
 from bertkern.ops.dropout import dropout as fused_dropout
 from bertkern.ops.layer_norm import layer_norm
-from bertkern.ops.linear import linear
+from bertkern.ops.padding import pad_packed
 
 __all__ = ["EncoderLayer", "Encoder"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LAYER_NORMS = (nn.LayerNorm, LayerNorm)
+_OUT_PROJ = nn.modules.linear.NonDynamicallyQuantizableLinear
+# torch's submodule classes in an nn.TransformerEncoderLayer -> what from_torch builds for them.
+_STOCK = {"linear1": (nn.Linear,), "linear2": (nn.Linear,), "norm1": _LAYER_NORMS, "norm2": _LAYER_NORMS,
+          "dropout": (nn.Dropout,), "dropout1": (nn.Dropout,), "dropout2": (nn.Dropout,)}
 
 
 def _activation_fn(activation):
@@ -52,7 +67,7 @@ def _activation_fn(activation):
             return F.relu
         if activation == "gelu":
             return F.gelu
-        raise ValueError(f"activation should be 'relu', 'gelu' or a callable, got {activation!r}")
+        raise ValueAndRuntimeError(f"activation should be 'relu', 'gelu' or a callable, got {activation!r}")
     if not callable(activation):
         raise TypeError(f"activation should be 'relu', 'gelu' or a callable, got {type(activation).__name__}")
     return activation
@@ -62,29 +77,32 @@ def _is_relu(fn) -> bool:
     return fn is F.relu or fn is torch.relu
 
 
-def _dropout(module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+def _dropout(module: nn.Module, x: torch.Tensor, relu: bool = False, inplace_ok: bool = False) -> torch.Tensor:
     """``module(relu(x) if relu else x)`` for the layer's nn.Dropout modules; on CPU one fused
-    pass (bertkern.ops.dropout: the mask is never stored). ``x`` is a fresh GEMM output that
-    nothing else reads, so a ReLU without dropout runs in place."""
-    if type(module) is not nn.Dropout:  # a user's own module: call it as is
+    pass (bertkern.ops.dropout: the mask is never stored). ``inplace_ok``: ``x`` is a fresh
+    GEMM output that nothing else reads, so a ReLU without dropout may run in place."""
+    if not is_stock(module, nn.Dropout) or pure_torch():  # a user's own module, or hooks: call it
         return module(F.relu(x) if relu else x)
     p = module.p if module.training else 0.0
     if p == 0.0:
-        return x.relu_() if relu else x
-    if x.device.type == "cpu":
+        if not relu:
+            return x
+        return x.relu_() if inplace_ok else F.relu(x)
+    if x.device.type == "cpu" and p < 1.0:
         return fused_dropout(x, p, True, relu=relu)
     return module(F.relu(x) if relu else x)
 
 
 def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, return_residual: bool = False):
-    """``norm(x + residual)``, fused when ``norm`` is an nn.LayerNorm over the last dim.
+    """``norm(x + residual)``, fused when ``norm`` is a stock LayerNorm over the last dim with
+    nothing attached; any other norm module is called on the sum.
 
     Mixed dtypes (autocast: a bf16 GEMM output next to an fp32 residual stream) are promoted,
     as the unfused ``x + residual`` would be."""
     if residual is not None and residual.dtype != x.dtype:
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
-    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+    if is_stock(norm, *_LAYER_NORMS) and len(norm.normalized_shape) == 1 and not pure_torch():
         weight, bias = norm.weight, norm.bias
         if weight is not None and weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
@@ -95,11 +113,61 @@ def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
     return (norm(z), z) if return_residual else norm(z)
 
 
+def _preserve_flags(new: nn.Module, old: nn.Module) -> None:
+    """Copy ``requires_grad`` of every parameter and ``training`` of every submodule that the two
+    modules share by name (conversion keeps frozen weights frozen and per-module modes)."""
+    old_params = dict(old.named_parameters())
+    for name, p in new.named_parameters():
+        if name in old_params:
+            p.requires_grad_(old_params[name].requires_grad)
+    old_modules = dict(old.named_modules())
+    for name, m in new.named_modules():
+        if name in old_modules:
+            m.training = old_modules[name].training
+
+
+def _load_copies(new: nn.Module, old: nn.Module, kept: set[str]) -> None:
+    """Give ``new`` (built on the meta device) copies of ``old``'s weights, except under the
+    submodule names in ``kept`` (deep copies that already hold theirs). No random init is drawn."""
+    def is_kept(key):
+        return any(key == k or key.startswith(k + ".") for k in kept)
+
+    state = {k: v.detach().clone() for k, v in old.state_dict().items() if not is_kept(k)}
+    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not is_kept(k)]
+    if missing or unexpected:
+        raise RuntimeError(f"conversion: state_dict mismatch, missing {missing}, unexpected {unexpected}")
+    _preserve_flags(new, old)
+
+
+def _overrides_forward_without_packing(cls: type) -> bool:
+    """An EncoderLayer subclass whose own ``forward`` cannot take cu_seqlens (torch's signature)."""
+    cached = _PACKED_SIGNATURES.get(cls)
+    if cached is None:
+        params = inspect.signature(cls.forward).parameters
+        cached = "cu_seqlens" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        _PACKED_SIGNATURES[cls] = cached
+    return not cached
+
+
+_PACKED_SIGNATURES: dict[type, bool] = {}
+
+
 class EncoderLayer(nn.Module):
     """Drop-in ``nn.TransformerEncoderLayer`` (same constructor, attributes, state_dict keys).
 
-    Called on its own it behaves like torch's layer (``forward(src, src_mask,
-    src_key_padding_mask, is_causal)``); inside :class:`Encoder` it runs on packed real tokens.
+    ``forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False, *,
+    cu_seqlens=None, max_seqlen=None)``:
+
+    * without ``cu_seqlens``: torch's layer on a padded (or unbatched) ``src``; padding is
+      removed and put back inside, outputs at padded positions are zero.
+    * with ``cu_seqlens`` (B + 1,) int32 and ``max_seqlen``: ``src`` is (T, E), the real tokens
+      of B sequences back to back (what ``bertkern.ops.unpad`` returns); returns (T, E). This is
+      how :class:`Encoder` calls its layers, so a layer's hooks see packed tokens.
+
+    ``self_attn`` is a :class:`bertkern.nn.MultiheadAttention`; every submodule that is not the
+    stock class with nothing attached (an adapter, a hook, a parametrization) is called as a
+    module on the packed tokens.
     """
 
     def __init__(
@@ -118,12 +186,12 @@ class EncoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         if nhead <= 0 or d_model <= 0 or d_model % nhead != 0:
-            raise ValueError(f"EncoderLayer: d_model ({d_model}) must be a positive multiple of nhead ({nhead})")
+            raise ValueAndAssertionError(
+                f"EncoderLayer: d_model ({d_model}) must be a positive multiple of nhead ({nhead}) "
+                "(embed_dim must be divisible by num_heads)")
         factory = {"device": device, "dtype": dtype}
-        # nn.MultiheadAttention holds in_proj_weight / in_proj_bias / out_proj exactly as torch's
-        # layer does; only its parameters are used, never its forward.
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
-                                               batch_first=batch_first, **factory)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                            batch_first=batch_first, **factory)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
@@ -134,82 +202,165 @@ class EncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.activation = _activation_fn(activation)
 
+    # ---- conversion --------------------------------------------------------------------------
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> "EncoderLayer":
-        """A bertkern.EncoderLayer with ``layer``'s settings and a copy of its weights."""
+        """A bertkern.EncoderLayer with ``layer``'s settings and a copy of its weights.
+
+        Keeps ``requires_grad``, train / eval mode (per submodule), dtype and device. A
+        submodule that is not torch's stock class with nothing attached (a LoRA layer, a
+        quantized or parametrized linear, a hooked norm) is kept: deep-copied, not replaced.
+        """
         if not isinstance(layer, nn.TransformerEncoderLayer):
             raise TypeError(f"from_torch expects an nn.TransformerEncoderLayer, got {type(layer).__name__}")
+        if type(layer).forward is not nn.TransformerEncoderLayer.forward:
+            raise TypeError(f"from_torch: {type(layer).__name__} overrides forward, which a converted layer would "
+                            "skip; pass the layer to bertkern.Encoder as it is (it is called on the padded batch)")
         attn = layer.self_attn
-        w = layer.linear1.weight
+        w = layer.linear1.weight if isinstance(getattr(layer.linear1, "weight", None), torch.Tensor) \
+            else attn.in_proj_weight
         new = cls(
             attn.embed_dim, attn.num_heads, layer.linear1.out_features, dropout=layer.dropout.p,
             activation=copy.deepcopy(layer.activation) if isinstance(layer.activation, nn.Module) else layer.activation,
             layer_norm_eps=layer.norm1.eps, batch_first=attn.batch_first, norm_first=layer.norm_first,
-            bias=layer.linear1.bias is not None, device="meta", dtype=w.dtype,
+            bias=attn.in_proj_bias is not None, device="meta", dtype=w.dtype,
         )
+        kept = set()
+        for name, classes in _STOCK.items():
+            sub = getattr(layer, name)
+            if not is_stock(sub, *classes):
+                setattr(new, name, copy.deepcopy(sub))
+                kept.add(name)
+        if not is_stock(attn, nn.MultiheadAttention):
+            new.self_attn = copy.deepcopy(attn)  # torch's forward, given the padded batch
+            kept.add("self_attn")
+        elif not is_stock(attn.out_proj, _OUT_PROJ):
+            new.self_attn.out_proj = copy.deepcopy(attn.out_proj)
+            kept.add("self_attn.out_proj")
         new.self_attn.dropout = attn.dropout
-        new.dropout1.p, new.dropout2.p = layer.dropout1.p, layer.dropout2.p
+        for name in ("dropout", "dropout1", "dropout2"):
+            if name not in kept:
+                getattr(new, name).p = getattr(layer, name).p
         # Built on the meta device and given copies of the weights: no random init is drawn,
         # so converting (like torch's deepcopy of the layer) leaves the RNG stream untouched.
-        state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-        new.load_state_dict(state, strict=True, assign=True)
-        new.train(layer.training)
+        _load_copies(new, layer, kept)
         return new
 
-    # ---- the layer on a token matrix (N, E); `attend` maps q, k, v (N, H, D) -> (N, H, D) ----
-    def _sa_block(self, x: torch.Tensor, attend) -> torch.Tensor:
+    def to_torch(self) -> nn.TransformerEncoderLayer:
+        """A plain ``nn.TransformerEncoderLayer`` with this layer's settings and copies of its
+        weights (``requires_grad`` and modes kept). Non-stock submodules are deep-copied; a
+        ``self_attn`` whose ``out_proj`` is not stock stays a bertkern.nn.MultiheadAttention,
+        because torch's attention reads out_proj's weight and would skip the adapter."""
         attn = self.self_attn
-        n, e = x.shape
-        heads = attn.num_heads
-        qkv = linear(x, attn.in_proj_weight, attn.in_proj_bias).view(n, 3, heads, e // heads)
-        q, k, v = qkv.unbind(1)
-        p = attn.dropout if self.training else 0.0
-        a = attend(q, k, v, p).reshape(n, e)
-        return _dropout(self.dropout1, linear(a, attn.out_proj.weight, attn.out_proj.bias))
+        ref = attn.in_proj_weight
+        new = nn.TransformerEncoderLayer(
+            attn.embed_dim, attn.num_heads, self.linear1.out_features, dropout=self.dropout.p,
+            activation=copy.deepcopy(self.activation) if isinstance(self.activation, nn.Module) else self.activation,
+            layer_norm_eps=self.norm1.eps, batch_first=attn.batch_first, norm_first=self.norm_first,
+            bias=attn.in_proj_bias is not None, device="meta", dtype=ref.dtype)
+        kept = set()
+        for name, classes in _STOCK.items():
+            sub = getattr(self, name)
+            if not is_stock(sub, *classes):
+                setattr(new, name, copy.deepcopy(sub))
+                kept.add(name)
+        if type(attn) is not MultiheadAttention or not is_stock(attn.out_proj, _OUT_PROJ) or \
+                attn._forward_hooks or attn._forward_pre_hooks:
+            new.self_attn = copy.deepcopy(attn)
+            kept.add("self_attn")
+        new.self_attn.dropout = attn.dropout
+        for name in ("dropout", "dropout1", "dropout2"):
+            if name not in kept:
+                getattr(new, name).p = getattr(self, name).p
+        _load_copies(new, self, kept)
+        return new
 
-    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        h = linear(x, self.linear1.weight, self.linear1.bias)
-        if _is_relu(self.activation):
-            h = _dropout(self.dropout, h, relu=True)  # relu + dropout in one pass
-        else:
-            h = _dropout(self.dropout, self.activation(h))
-        return _dropout(self.dropout2, linear(h, self.linear2.weight, self.linear2.bias))
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        if cu_seqlens is not None:
+            if src_mask is not None or src_key_padding_mask is not None:
+                raise ValueError("EncoderLayer: with cu_seqlens the tokens are packed: src_mask and "
+                                 "src_key_padding_mask must be None (is_causal is supported)")
+            e = self.self_attn.embed_dim
+            if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.shape[-1] != e:
+                raise ValueAndAssertionError(f"EncoderLayer: packed src must have shape (T, {e}), "
+                                             f"got {tuple(getattr(src, 'shape', ()))}")
+            return self._block(src, {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "is_causal": bool(is_causal)})
+        attn = self.self_attn
+        return _run([self], None, attn.batch_first, attn.embed_dim, attn.num_heads, src, src_mask,
+                    src_key_padding_mask, is_causal, call_layers=False)
 
-    def _forward_tokens(self, x: torch.Tensor, attend) -> torch.Tensor:
+    def _block(self, x: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
+        """The layer on tokens: x (T, E) packed (attn_kwargs has cu_seqlens) or a padded batch in
+        the layer's layout (attn_kwargs has the masks)."""
         if self.norm_first:
             # x = x + sa(norm1(x)); x = x + ff(norm2(x)), the second add fused into norm2.
-            h, x = _norm(self.norm2, self._sa_block(_norm(self.norm1, x), attend), residual=x, return_residual=True)
+            h, x = _norm(self.norm2, self._sa_block(_norm(self.norm1, x), attn_kwargs), residual=x,
+                         return_residual=True)
             f = self._ff_block(h)
             return x + f.to(x.dtype) if f.dtype != x.dtype else x + f
-        x = _norm(self.norm1, self._sa_block(x, attend), residual=x)
+        x = _norm(self.norm1, self._sa_block(x, attn_kwargs), residual=x)
         return _norm(self.norm2, self._ff_block(x), residual=x)
 
-    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
-                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        return _run([self], None, self.self_attn.batch_first, self.self_attn.num_heads,
-                    src, src_mask, src_key_padding_mask, is_causal)
+    def _sa_block(self, x: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
+        attn = self.self_attn
+        if "cu_seqlens" in attn_kwargs and not isinstance(attn, MultiheadAttention):
+            # torch's own attention (kept by conversion): give it the padded batch of the tokens.
+            a = _call_padded(lambda xp, kpm, mask, causal: attn(xp, xp, xp, key_padding_mask=kpm, need_weights=False,
+                                                                  attn_mask=mask, is_causal=causal)[0],
+                             x, attn_kwargs["cu_seqlens"], attn_kwargs["max_seqlen"], attn_kwargs["is_causal"],
+                             attn.batch_first)
+        else:
+            a = attn(x, x, x, need_weights=False, **attn_kwargs)[0]
+        return _dropout(self.dropout1, a)
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        h = call_linear(self.linear1, x)
+        fresh = is_stock(self.linear1, nn.Linear)  # h is ours alone: a ReLU may run in place
+        if _is_relu(self.activation):
+            h = _dropout(self.dropout, h, relu=True, inplace_ok=fresh)  # relu + dropout in one pass
+        else:
+            h = _dropout(self.dropout, self.activation(h))
+        return _dropout(self.dropout2, call_linear(self.linear2, h))
+
+    def __prepare_scriptable__(self):
+        raise _script_error(type(self).__name__)
+
+
+def _script_error(name: str) -> TypeAndRuntimeError:
+    return TypeAndRuntimeError(
+        f"torch.jit.script cannot compile bertkern.{name} (its kernels are custom operators with "
+        "data-dependent sizes, and TorchScript is deprecated by PyTorch). Use torch.compile, "
+        "torch.export.export, torch.onnx.export(..., dynamo=True), or .to_torch() for a plain torch module.")
 
 
 class Encoder(nn.Module):
     """Drop-in ``nn.TransformerEncoder`` (same constructor, attributes, state_dict keys).
 
-    ``encoder_layer``: a :class:`EncoderLayer` or an ``nn.TransformerEncoderLayer`` (its settings
-    and weights are read); each of the ``num_layers`` layers starts as a copy, as in torch.
-    ``norm``: optional final norm (an ``nn.LayerNorm`` runs fused). ``enable_nested_tensor`` and
-    ``mask_check`` are accepted for compatibility: bertkern always removes padding.
+    ``encoder_layer``: a :class:`EncoderLayer` or an ``nn.TransformerEncoderLayer`` (converted
+    by :meth:`EncoderLayer.from_torch` when it is torch's stock class with no hooks; any other
+    layer, e.g. a subclass with its own forward, is kept and called on the padded batch); each
+    of the ``num_layers`` layers starts as a deep copy, as in torch. ``norm``: optional final
+    norm (a stock ``nn.LayerNorm`` runs fused). ``enable_nested_tensor`` and ``mask_check`` are
+    accepted for compatibility: bertkern always removes padding.
 
-    ``forward(src, mask=None, src_key_padding_mask=None, is_causal=None)`` as torch's; see the
-    module docstring for masks and paths. Outputs at padded positions are zero.
+    ``forward(src, mask=None, src_key_padding_mask=None, is_causal=None)`` as torch's; ``src``
+    may also be a NestedTensor (jagged layout: no padding at all), and then the result is one.
+    See the module docstring for masks and paths. Outputs at padded positions are zero.
     """
 
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
                  enable_nested_tensor: bool = True, mask_check: bool = True) -> None:
         super().__init__()
-        if isinstance(encoder_layer, nn.TransformerEncoderLayer):
+        if _convertible(encoder_layer):
             encoder_layer = EncoderLayer.from_torch(encoder_layer)
-        if not isinstance(encoder_layer, EncoderLayer):
-            raise TypeError("Encoder: encoder_layer must be a bertkern.EncoderLayer or an nn.TransformerEncoderLayer, "
-                            f"got {type(encoder_layer).__name__}")
+        attn = getattr(encoder_layer, "self_attn", None) if isinstance(encoder_layer, nn.Module) else None
+        if attn is None or not all(hasattr(attn, a) for a in ("embed_dim", "num_heads", "batch_first")):
+            raise TypeAndAttributeError(
+                "Encoder: encoder_layer must be a bertkern.EncoderLayer or an nn.TransformerEncoderLayer "
+                f"(a module with a self_attn attention), got {type(encoder_layer).__name__}")
         if num_layers < 0:
             raise ValueError(f"Encoder: num_layers must be >= 0, got {num_layers}")
         self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
@@ -218,120 +369,185 @@ class Encoder(nn.Module):
         self.enable_nested_tensor = enable_nested_tensor
         self.use_nested_tensor = enable_nested_tensor
         self.mask_check = mask_check
-        self._d_model = encoder_layer.self_attn.embed_dim
-        self._nhead = encoder_layer.self_attn.num_heads
-        self._batch_first = encoder_layer.self_attn.batch_first
+        self._d_model = attn.embed_dim
+        self._nhead = attn.num_heads
+        self._batch_first = attn.batch_first
 
     @classmethod
     def from_torch(cls, module: nn.TransformerEncoder) -> "Encoder":
-        """A bertkern.Encoder with ``module``'s settings and a copy of its weights."""
+        """A bertkern.Encoder with ``module``'s settings and a copy of its weights; each layer
+        converted as by :meth:`EncoderLayer.from_torch` (or kept, when it cannot be), keeping
+        ``requires_grad``, modes, dtype, device and non-stock submodules."""
         if not isinstance(module, nn.TransformerEncoder):
             raise TypeError(f"from_torch expects an nn.TransformerEncoder, got {type(module).__name__}")
         if len(module.layers) == 0:
             raise ValueError("from_torch: the nn.TransformerEncoder has no layers")
-        new = cls(module.layers[0], len(module.layers), norm=copy.deepcopy(module.norm),
+        layers = [EncoderLayer.from_torch(l) if _convertible(l) else copy.deepcopy(l) for l in module.layers]
+        new = cls(layers[0], 0, norm=copy.deepcopy(module.norm),
                   enable_nested_tensor=module.enable_nested_tensor, mask_check=module.mask_check)
-        new.load_state_dict(module.state_dict(), strict=True)
-        new.train(module.training)
+        new.layers = nn.ModuleList(layers)
+        new.num_layers = len(layers)
+        new.training = module.training
+        return new
+
+    def to_torch(self) -> nn.TransformerEncoder:
+        """A plain ``nn.TransformerEncoder`` with copies of these layers (see
+        :meth:`EncoderLayer.to_torch`) and weights; a bertkern.LayerNorm final norm becomes an
+        ``nn.LayerNorm``."""
+        layers = [l.to_torch() if isinstance(l, EncoderLayer) else copy.deepcopy(l) for l in self.layers]
+        norm = self.norm
+        if type(norm) is LayerNorm and is_stock(norm, LayerNorm):
+            plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                                 bias=norm.bias is not None, device="meta")
+            _load_copies(plain, norm, set())
+            norm = plain
+        else:
+            norm = copy.deepcopy(norm)
+        template = layers[0] if layers else EncoderLayer(self._d_model, self._nhead, 1, batch_first=self._batch_first,
+                                                         device="meta").to_torch()
+        new = nn.TransformerEncoder(template, 0, norm=norm, enable_nested_tensor=False, mask_check=self.mask_check)
+        new.layers = nn.ModuleList(layers)
+        new.num_layers = len(layers)
+        new.enable_nested_tensor = self.enable_nested_tensor
+        new.use_nested_tensor = self.use_nested_tensor
+        new.training = self.training
         return new
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
-        return _run(self.layers, self.norm, self._batch_first, self._nhead, src, mask, src_key_padding_mask, is_causal)
+        return _run(self.layers, self.norm, self._batch_first, self._d_model, self._nhead, src, mask,
+                    src_key_padding_mask, is_causal, call_layers=True)
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                        causal: bool = False) -> torch.Tensor:
         """Run every layer (and the final norm) on packed tokens: x (T, E), cu_seqlens (B+1,)
         int32, max_seqlen the longest sequence (what bertkern.ops.unpad returns)."""
         if x.dim() != 2 or x.shape[-1] != self._d_model:
-            raise ValueError(f"forward_packed: x must have shape (T, {self._d_model}), got {tuple(x.shape)}")
-        return _run_packed(self.layers, self.norm, x, cu_seqlens, max_seqlen, causal)
+            raise ValueAndAssertionError(f"forward_packed: x must have shape (T, {self._d_model}), got {tuple(x.shape)}")
+        return _run_packed(self.layers, self.norm, x, cu_seqlens, max_seqlen, causal, call_layers=True)
+
+    def __prepare_scriptable__(self):
+        raise _script_error(type(self).__name__)
+
+
+def _convertible(layer) -> bool:
+    """torch's stock layer class with nothing attached to the layer itself: converted. A
+    subclass or a hooked layer is kept as it is (torch deep-copies it with its hooks too)."""
+    return type(layer) is nn.TransformerEncoderLayer and not (layer._forward_hooks or layer._forward_pre_hooks
+                                                              or layer._backward_hooks or layer._backward_pre_hooks)
+
+
+def _takes_packed(layer: nn.Module) -> bool:
+    """Whether ``layer(x, is_causal=..., cu_seqlens=..., max_seqlen=...)`` is understood."""
+    inner = getattr(layer, "_checkpoint_wrapped_module", None)  # checkpoint_wrapper passes kwargs on
+    if inner is not None:
+        return _takes_packed(inner)
+    if not isinstance(layer, EncoderLayer):
+        return False
+    if type(layer).forward is EncoderLayer.forward:  # also FSDP2's class swap, which keeps forward
+        return True
+    return not _overrides_forward_without_packing(type(layer))
 
 
 # ---- the two paths ------------------------------------------------------------------------------
 
-def _run_packed(layers, norm, x, cu_seqlens, max_seqlen, causal):
-    def attend(q, k, v, p):
-        return attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, causal=causal)
+def _call_padded(fn, x, cu_seqlens, max_seqlen, causal, batch_first):
+    """``fn(x_padded, key_padding_mask, attn_mask, is_causal)`` on the padded batch of the packed
+    tokens ``x`` (T, E), in the layout ``batch_first`` says; returns its result packed again."""
+    xp, kpm, indices = pad_packed(x, cu_seqlens, max_seqlen)
+    # An empty sequence would be a row with no key (NaN in torch's attention, NaN gradients
+    # after): let it see its first (zero, never gathered) position.
+    kpm_call = kpm.clone()
+    kpm_call[:, :1] = False
+    mask = causal_mask(max_seqlen, x.device) if causal else None
+    out = fn(xp if batch_first else xp.transpose(0, 1), kpm_call, mask, causal)
+    out = out if batch_first else out.transpose(0, 1)
+    return torch.ops.bertkern.gather_rows(out.reshape(-1, out.shape[-1]), indices)
 
+
+def _call_layer_packed(layer, x, cu_seqlens, max_seqlen, causal):
+    if _takes_packed(layer):
+        return layer(x, is_causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    attn = getattr(layer, "self_attn", None)
+    return _call_padded(lambda xp, kpm, mask, c: layer(xp, src_mask=mask, src_key_padding_mask=kpm, is_causal=c),
+                        x, cu_seqlens, max_seqlen, causal, getattr(attn, "batch_first", True))
+
+
+def _run_packed(layers, norm, x, cu_seqlens, max_seqlen, causal, call_layers):
     for layer in layers:
-        x = layer._forward_tokens(x, attend)
+        if call_layers:
+            x = _call_layer_packed(layer, x, cu_seqlens, max_seqlen, causal)
+        else:
+            x = layer._block(x, {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "is_causal": causal})
     if norm is not None:
         x = _norm(norm, x)
     return x
 
 
-def _run_padded(layers, norm, x, attn_bias, pad_mask):
-    """Fallback: x (B, S, E) padded; attn_bias float, broadcastable to (B, H, S, S), -inf =
-    masked. Rows with no visible key give zeros; padded positions are zeroed at the end."""
-    batch, seqlen, e = x.shape
-    no_key = None
-    if attn_bias is not None:
-        no_key = torch.isneginf(attn_bias).all(dim=-1, keepdim=True)  # (.., S, 1)
-        attn_bias = attn_bias.masked_fill(no_key, 0.0)  # keep SDPA finite; those rows are zeroed
-
-    def attend(q, k, v, p):
-        heads, d = q.shape[1], q.shape[2]
-
-        def bhsd(t):
-            return t.reshape(batch, seqlen, heads, d).transpose(1, 2)
-
-        bias = None if attn_bias is None else attn_bias.to(q.dtype)
-        o = F.scaled_dot_product_attention(bhsd(q), bhsd(k), bhsd(v), attn_mask=bias, dropout_p=p)
-        if no_key is not None:
-            o = o.masked_fill(no_key, 0.0)
-        return o.transpose(1, 2).reshape(batch * seqlen, heads, d)
-
-    h = x.reshape(batch * seqlen, e)
+def _run_padded(layers, norm, x, mask, key_padding_mask, causal, pad_mask, batch_first, call_layers):
+    """The padded path: x in the user's layout; every layer called as torch's encoder calls it
+    (or, for a standalone layer, its own block); padded positions zeroed at the end."""
     for layer in layers:
-        h = layer._forward_tokens(h, attend)
+        if call_layers:
+            x = layer(x, src_mask=mask, src_key_padding_mask=key_padding_mask, is_causal=causal)
+        else:
+            x = layer._block(x, {"attn_mask": mask, "key_padding_mask": key_padding_mask, "is_causal": causal})
     if norm is not None:
-        h = _norm(norm, h)
-    h = h.reshape(batch, seqlen, h.shape[-1])
+        x = _norm(norm, x)
     if pad_mask is not None:
-        h = h.masked_fill(pad_mask.unsqueeze(-1), 0.0)
-    return h
-
-
-def _causal_bool(seqlen, device):
-    return torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).triu(1)
+        x = x.masked_fill((pad_mask if batch_first else pad_mask.T).unsqueeze(-1), 0.0)
+    return x
 
 
 def _is_causal_mask(mask, seqlen):
     """torch's _detect_is_causal_mask, for bool (True = masked) and float (-inf) masks."""
     if mask.shape != (seqlen, seqlen):
         return False
-    causal = _causal_bool(seqlen, mask.device)
+    causal = causal_mask(seqlen, mask.device)
     if mask.dtype == torch.bool:
         return bool(torch.equal(mask, causal))
     return bool(torch.equal(torch.isneginf(mask), causal) and (mask.masked_fill(causal, 0.0) == 0).all())
 
 
-def _additive(mask):
-    return torch.zeros_like(mask, dtype=torch.float32).masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
-        else mask.float()
+def _run_nested(layers, norm, d_model, src, mask, key_padding_mask, is_causal, call_layers):
+    """A NestedTensor src (B, j, E): its values are the packed real tokens already."""
+    if mask is not None or key_padding_mask is not None:
+        raise ValueError("Encoder: a NestedTensor src holds no padding: pass no mask or src_key_padding_mask "
+                         "(is_causal=True for causal attention)")
+    if src.layout != torch.jagged:
+        src = torch.nested.as_nested_tensor(list(src.unbind()), layout=torch.jagged)
+    if src.dim() != 3 or src.shape[-1] != d_model:
+        raise ValueAndAssertionError(f"Encoder: a NestedTensor src must be (B, j, E) with E = d_model = {d_model}, "
+                                     f"got {src.dim()}-D with last dim {src.shape[-1]}")
+    values, offsets = src.values(), src.offsets()
+    cu_seqlens = offsets.to(torch.int32)
+    max_seqlen = src._maybe_max_seqlen
+    if max_seqlen is None:
+        max_seqlen = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+    out = _run_packed(layers, norm, values, cu_seqlens, max_seqlen, bool(is_causal), call_layers)
+    return torch.nested.nested_tensor_from_jagged(out, offsets, max_seqlen=max_seqlen)
 
 
-def _run(layers, norm, batch_first, nhead, src, mask, key_padding_mask, is_causal):
+def _run(layers, norm, batch_first, d_model, nhead, src, mask, key_padding_mask, is_causal, call_layers):
     if not isinstance(src, torch.Tensor):
         raise TypeError(f"Encoder: src must be a Tensor, got {type(src).__name__}")
-    if len(layers) == 0:
-        d_model = src.shape[-1]
-    else:
-        d_model = layers[0].self_attn.embed_dim
     if src.dtype not in _DTYPES:
-        raise TypeError(f"Encoder: src must be float32, float16, bfloat16 (or float64 on CPU), got {src.dtype}")
-    if src.dtype == torch.float64 and src.device.type != "cpu":
-        raise TypeError("Encoder: float64 is supported on CPU only")
+        raise TypeAndRuntimeError(f"Encoder: src must be float32, float16, bfloat16 (or float64 on CPU), got {src.dtype}")
+    if src.dtype == torch.float64 and src.device.type not in ("cpu", "meta"):
+        raise TypeAndRuntimeError("Encoder: float64 is supported on CPU only")
+    if src.is_nested:
+        return _run_nested(layers, norm, d_model, src, mask, key_padding_mask, is_causal, call_layers)
     unbatched = src.dim() == 2
     if src.dim() not in (2, 3) or src.shape[-1] != d_model:
-        raise ValueError(f"Encoder: src must have shape {'(B, S, E)' if batch_first else '(S, B, E)'} "
-                         f"(or (S, E) unbatched) with E = d_model = {d_model}, got {tuple(src.shape)}")
+        raise ValueAndAssertionError(
+            f"Encoder: src must have shape {'(B, S, E)' if batch_first else '(S, B, E)'} (or (S, E) unbatched) "
+            f"with E = d_model = {d_model}, got {tuple(src.shape)}")
     if unbatched:
         src = src.unsqueeze(0 if batch_first else 1)
-        if key_padding_mask is not None and key_padding_mask.dim() == 1:
+        if isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dim() == 1:
             key_padding_mask = key_padding_mask.unsqueeze(0)
     batch, seqlen = (src.shape[0], src.shape[1]) if batch_first else (src.shape[1], src.shape[0])
+    on_meta = src.device.type == "meta"
 
     # -- key padding mask: bool (B, S), True = padding, or float additive (-inf = padding) --
     pad_mask, kpm_bias = None, None
@@ -339,55 +555,53 @@ def _run(layers, norm, batch_first, nhead, src, mask, key_padding_mask, is_causa
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"Encoder: src_key_padding_mask must be a Tensor, got {type(key_padding_mask).__name__}")
         if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
-            raise TypeError("Encoder: src_key_padding_mask must be bool (True = padding) or float (-inf = padding), "
-                            f"got {key_padding_mask.dtype}")
+            raise TypeAndAssertionError(
+                "Encoder: src_key_padding_mask must be bool (True = padding) or float (-inf = padding), "
+                f"got {key_padding_mask.dtype}")
         if tuple(key_padding_mask.shape) != (batch, seqlen):
-            raise ValueError(f"Encoder: src_key_padding_mask must have shape (B, S) = {(batch, seqlen)}, "
-                             f"got {tuple(key_padding_mask.shape)}")
+            raise ValueAndAssertionError(f"Encoder: src_key_padding_mask must have shape (B, S) = {(batch, seqlen)}, "
+                                         f"got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != src.device:
-            raise ValueError(f"Encoder: src_key_padding_mask is on {key_padding_mask.device} but src is on {src.device}")
+            raise ValueAndRuntimeError(
+                f"Encoder: src_key_padding_mask is on {key_padding_mask.device} but src is on {src.device}")
         if key_padding_mask.dtype == torch.bool:
             pad_mask = key_padding_mask
         else:
             pad_mask = torch.isneginf(key_padding_mask)
-            if bool(((key_padding_mask != 0) & ~pad_mask).any()):  # a real additive bias, not just padding
-                kpm_bias = key_padding_mask.float()
+            bias_values = (key_padding_mask != 0) & ~pad_mask
+            if torch.compiler.is_compiling():
+                # Inside a graph the branch cannot depend on the data: a 0 / -inf mask runs
+                # packed; a mask that carries a real bias fails at run time, never silently.
+                torch._assert_async(~bias_values.any(), "bertkern.Encoder under torch.compile: a float "
+                                    "src_key_padding_mask must hold only 0 and -inf (use a bool mask, or run eager)")
+            elif not on_meta and bool(bias_values.any()):  # a real additive bias, not just padding
+                kpm_bias = key_padding_mask
 
-    # -- attention mask: causal -> fused kernel; anything else -> fallback --
+    # -- attention mask: causal -> fused kernel; anything else -> padded path --
     causal = bool(is_causal)
     attn_mask = None
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"Encoder: mask must be a Tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"Encoder: mask must be bool (True = masked) or float (additive), got {mask.dtype}")
+            raise TypeAndAssertionError(f"Encoder: mask must be bool (True = masked) or float (additive), got {mask.dtype}")
         if tuple(mask.shape) not in ((seqlen, seqlen), (batch * nhead, seqlen, seqlen)):
-            raise ValueError(f"Encoder: mask must have shape (S, S) = {(seqlen, seqlen)} or (B * nhead, S, S) = "
-                             f"{(batch * nhead, seqlen, seqlen)}, got {tuple(mask.shape)}")
+            raise ValueAndRuntimeError(
+                f"Encoder: mask must have shape (S, S) = {(seqlen, seqlen)} or (B * nhead, S, S) = "
+                f"{(batch * nhead, seqlen, seqlen)}, got {tuple(mask.shape)}")
         if mask.device != src.device:
-            raise ValueError(f"Encoder: mask is on {mask.device} but src is on {src.device}")
-        if is_causal is None:
+            raise ValueAndRuntimeError(f"Encoder: mask is on {mask.device} but src is on {src.device}")
+        if is_causal is None and not on_meta:
             causal = _is_causal_mask(mask, seqlen)
         if not causal:
             attn_mask = mask
 
     head_dim = d_model // nhead
-    triton_ok = src.device.type == "cpu" or (head_dim % 8 == 0 and head_dim <= 128)
-    if attn_mask is not None or kpm_bias is not None or not triton_ok:
-        x = src if batch_first else src.transpose(0, 1)
-        bias = None
-        if attn_mask is not None:
-            m = _additive(attn_mask)
-            bias = m.view(1, 1, seqlen, seqlen) if m.dim() == 2 else m.view(batch, nhead, seqlen, seqlen)
-        if causal:
-            c = _additive(_causal_bool(seqlen, src.device)).view(1, 1, seqlen, seqlen)
-            bias = c if bias is None else bias + c
-        if pad_mask is not None:
-            k = kpm_bias if kpm_bias is not None else _additive(pad_mask)
-            k = k.view(batch, 1, 1, seqlen)
-            bias = k if bias is None else bias + k
-        out = _run_padded(layers, norm, x, bias, pad_mask)
-        out = out if batch_first else out.transpose(0, 1)
+    triton_ok = src.device.type in ("cpu", "meta") or (head_dim % 8 == 0 and head_dim <= 128)
+    if attn_mask is not None or kpm_bias is not None or not triton_ok or pure_torch():
+        kpm = kpm_bias if kpm_bias is not None else pad_mask
+        mask_for_layers = attn_mask if attn_mask is not None else (causal_mask(seqlen, src.device) if causal else None)
+        out = _run_padded(layers, norm, src, mask_for_layers, kpm, causal, pad_mask, batch_first, call_layers)
         return out.squeeze(0 if batch_first else 1) if unbatched else out
 
     e = src.shape[-1]
@@ -395,7 +609,7 @@ def _run(layers, norm, batch_first, nhead, src, mask, key_padding_mask, is_causa
         # No padding: the batch is already packed; no gather, no scatter.
         x = src.reshape(batch * seqlen, e)
         cu = torch.arange(batch + 1, dtype=torch.int32, device=src.device) * seqlen
-        out = _run_packed(layers, norm, x, cu, seqlen, causal)
+        out = _run_packed(layers, norm, x, cu, seqlen, causal, call_layers)
         out = out.reshape(batch, seqlen, out.shape[-1])
         return out.squeeze(0) if unbatched else out
     if pad_mask is None:
@@ -406,9 +620,8 @@ def _run(layers, norm, batch_first, nhead, src, mask, key_padding_mask, is_causa
         # so neither src nor the output is ever transposed.
         indices = (indices % seqlen) * batch + torch.div(indices, seqlen, rounding_mode="floor")
     x = torch.ops.bertkern.gather_rows(src.reshape(batch * seqlen, e), indices)
-    x = _run_packed(layers, norm, x, cu, max_seqlen, causal)
+    x = _run_packed(layers, norm, x, cu, max_seqlen, causal, call_layers)
     out = torch.ops.bertkern.scatter_rows(x, indices, batch * seqlen)
     e_out = x.shape[-1]
     out = out.view(batch, seqlen, e_out) if batch_first else out.view(seqlen, batch, e_out)
     return out.squeeze(0 if batch_first else 1) if unbatched else out
-

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from bertkern.nn._contract import pure_torch
 from bertkern.ops.layer_norm import layer_norm
 
 
@@ -26,6 +27,10 @@ class LayerNorm(nn.LayerNorm):
             )
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"LayerNorm: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+        if pure_torch():  # an exporter that knows torch's operators only
+            z = x if residual is None else x + residual
+            y = super().forward(z)
+            return (y, z) if return_residual else y
         lead = x.shape[: x.dim() - k]
         n = math.prod(self.normalized_shape)
 

@@ -102,8 +102,10 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, causal=F
         raise ValueError("attention: cu_seqlens must have B+1 >= 1 entries")
     if max_seqlen is None:  # one small read; pass max_seqlen (unpad returns it) to avoid it
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p == 1.0:  # every probability dropped: zeros, still connected to v, as F.dropout(p=1) is
+        return v.mul(v.new_zeros(()))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = _dropout_seed(float(dropout_p), q.device)
     if backend == "triton":

@@ -158,3 +158,27 @@ def _scatter_backward(ctx, grad):
 
 torch.library.register_autograd("bertkern::gather_rows", _gather_backward, setup_context=_gather_setup)
 torch.library.register_autograd("bertkern::scatter_rows", _scatter_backward, setup_context=_scatter_setup)
+
+
+def pad_packed(x_packed: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+    """Packed tokens back to a padded batch, for code that only takes one.
+
+    Args:
+        x_packed: (T, *features), sequences back to back as ``cu_seqlens`` (B + 1,) int32 says.
+        max_seqlen: the longest sequence (the padded length S).
+
+    Returns:
+        (x_padded (B, S, *features) with zeros at padding, key_padding_mask (B, S) bool
+        True = padding, indices (T,) int64): ``gather_rows(out.reshape(B * S, ...), indices)``
+        packs a result of the padded batch again.
+    """
+    device = x_packed.device
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    key_padding_mask = torch.arange(max_seqlen, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
+    # Token t belongs to sequence b with cu[b] <= t < cu[b + 1], at position t - cu[b]; derived
+    # from the token count of x_packed itself, so shapes stay tied under torch.compile.
+    token = torch.arange(x_packed.shape[0], device=device, dtype=torch.int32)
+    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), token, right=True)
+    indices = seq * max_seqlen + (token - cu_seqlens[seq]).to(torch.int64)
+    out = torch.ops.bertkern.scatter_rows(x_packed, indices, lengths.shape[0] * max_seqlen)
+    return out.reshape(lengths.shape[0], max_seqlen, *x_packed.shape[1:]), key_padding_mask, indices

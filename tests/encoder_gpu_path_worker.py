@@ -103,12 +103,12 @@ class GpuPath:
         return kernel
 
     def _install_triton_attention(self):
-        import bertkern.nn.encoder as encoder_module
+        import bertkern.nn.attention as attention_module
         from bertkern.kernels import attention as kernels
         from triton.runtime.interpreter import InterpretedFunction
 
-        # The Encoder looks attention_varlen up in its module's globals at call time.
-        original = encoder_module.attention_varlen
+        # bertkern.nn.MultiheadAttention looks attention_varlen up in its module's globals at call time.
+        original = attention_module.attention_varlen
         self.calls["attention_varlen(backend=triton)"] = 0
 
         def attention_varlen_triton(*args, **kwargs):
@@ -118,7 +118,7 @@ class GpuPath:
             self.calls["attention_varlen(backend=triton)"] += 1
             return original(*args, **kwargs)
 
-        encoder_module.attention_varlen = attention_varlen_triton
+        attention_module.attention_varlen = attention_varlen_triton
 
         for name in TRITON_KERNELS:
             fn = getattr(kernels, name)

@@ -71,6 +71,19 @@ void check_indices_in_range(const at::Tensor& indices, int64_t n_rows, const cha
                     " is out of range for ", n_rows, " rows");
 }
 
+// Checked on the CPU path before a scatter: no row written twice (a duplicate index would make
+// the result depend on the write order and the backward's gather wrong).
+void check_indices_unique(const at::Tensor& indices, int64_t n_rows, const char* op) {
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t n = indices.numel();
+  std::vector<uint8_t> seen(static_cast<size_t>(n_rows), 0);
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK_INDEX(!seen[idx[t]], op, ": indices[", t, "] = ", idx[t],
+                      " is a duplicate; indices must be unique (each row is written once)");
+    seen[idx[t]] = 1;
+  }
+}
+
 // dst row perm(t) <- src row t (scatter) or dst row t <- src row perm(t) (gather), as bytes.
 template <bool kScatter>
 void copy_rows_cpu(const at::Tensor& src, const at::Tensor& indices, at::Tensor& dst) {
@@ -108,6 +121,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& x_in, const at::Tensor& indices_in
   check_scatter_rows(x_in, indices_in, n_rows);
   const at::Tensor indices = indices_in.contiguous();
   check_indices_in_range(indices, n_rows, "scatter_rows");
+  check_indices_unique(indices, n_rows, "scatter_rows");
   const at::Tensor x = x_in.contiguous();
   auto shape = x.sizes().vec();
   shape[0] = n_rows;

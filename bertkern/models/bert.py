@@ -12,6 +12,15 @@ Data flow::
 
 Outputs at padded positions are zero (HF leaves there whatever its layers computed from the
 padding tokens). HF's attention_mask is converted at this boundary only.
+
+While an exporter that knows torch's operators only records the model
+(``bertkern.nn._contract.pure_torch()``: ``torch.onnx.export``, dynamo or legacy, and
+``torch.jit.trace``) the model runs the *padded path* instead, on standard operators only:
+embeddings of the whole padded batch (B, S, H) -> ``self.encoder(hidden,
+src_key_padding_mask=...)``, which takes its own padded path (SDPA with additive masks) ->
+zeros at padded positions -> pooler. Same numbers on real tokens, and batch and sequence
+length stay dynamic in the exported graph. ``torch.export.export`` and ``torch.compile`` keep
+the packed path with bertkern's custom operators.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertkern.nn._contract import pure_torch
 from bertkern.nn.encoder import Encoder, EncoderLayer
 from bertkern.nn.layer_norm import LayerNorm
 from bertkern.ops.padding import key_padding_mask_from_attention_mask
@@ -118,7 +128,8 @@ class BertModelOutput(NamedTuple):
 
 class BertEmbeddings(nn.Module):
     """word + position + token-type embeddings, LayerNorm, dropout; on token ids of any shape
-    (the model calls it on the packed real tokens, shape (T,)). Parameter names are HF's."""
+    (the model calls it on the packed real tokens, shape (T,); under an exporter on the padded
+batch, (B, S)). Parameter names are HF's."""
 
     def __init__(self, config: BertConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -237,7 +248,9 @@ class BertModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
 
-        if attention_mask is None:
+        if pure_torch():
+            hidden = self._forward_padded(input_ids, attention_mask, token_type_ids, position_ids)
+        elif attention_mask is None:
             # No padding: the batch is already packed; no gather, no scatter.
             x = self.embeddings(input_ids.reshape(-1), position_ids.reshape(-1),
                                 None if token_type_ids is None else token_type_ids.reshape(-1))
@@ -261,6 +274,23 @@ class BertModel(nn.Module):
             first = hidden[:, 0] if seqlen > 0 else hidden.new_zeros(batch, hidden_size)
             pooled = self.pooler(first)
         return BertModelOutput(hidden, pooled)
+
+    def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids) -> torch.Tensor:
+        """The pure-torch padded path (exporters): the layers on the whole padded batch, padded
+        positions masked out of attention as keys and zeroed in the output."""
+        if attention_mask is None:
+            return self.encoder(self.embeddings(input_ids, position_ids, token_type_ids))
+        key_padding_mask = key_padding_mask_from_attention_mask(attention_mask)  # True = padding
+        # The packed path never reads ids at padded positions: give the lookups a valid index
+        # there (any garbage, e.g. -100 or an id past the vocabulary, would fail the gather).
+        input_ids = input_ids.masked_fill(key_padding_mask, 0)
+        position_ids = position_ids.masked_fill(key_padding_mask, 0)
+        if token_type_ids is not None:
+            token_type_ids = token_type_ids.masked_fill(key_padding_mask, 0)
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        hidden = self.encoder(x, src_key_padding_mask=key_padding_mask)
+        # The Encoder zeros padded positions already; kept explicit, as the packed path's scatter.
+        return hidden.masked_fill(key_padding_mask.unsqueeze(-1), 0.0)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> "BertModel":

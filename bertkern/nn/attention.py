@@ -127,7 +127,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         q, k, v = self._in(x.reshape(batch * seqlen, e)).view(batch, seqlen, 3, heads, e // heads).permute(2, 0, 3, 1, 4)
         no_key = None
         if bias is not None:
-            no_key = torch.isneginf(bias).all(dim=-1, keepdim=True)  # (.., S, 1): a query that sees no key
+            # (.., S, 1): a query that sees no key (== -inf, not isneginf: the legacy ONNX
+            # exporter has no symbolic for isneginf)
+            no_key = (bias == float("-inf")).all(dim=-1, keepdim=True)
             bias = bias.masked_fill(no_key, 0.0).to(q.dtype)  # SDPA stays finite; those rows are zeroed
         p = self.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, H, S, D)

@@ -506,7 +506,7 @@ def _is_causal_mask(mask, seqlen):
     causal = causal_mask(seqlen, mask.device)
     if mask.dtype == torch.bool:
         return bool(torch.equal(mask, causal))
-    return bool(torch.equal(torch.isneginf(mask), causal) and (mask.masked_fill(causal, 0.0) == 0).all())
+    return bool(torch.equal(mask == float("-inf"), causal) and (mask.masked_fill(causal, 0.0) == 0).all())
 
 
 def _run_nested(layers, norm, d_model, src, mask, key_padding_mask, is_causal, call_layers):
@@ -567,9 +567,11 @@ def _run(layers, norm, batch_first, d_model, nhead, src, mask, key_padding_mask,
         if key_padding_mask.dtype == torch.bool:
             pad_mask = key_padding_mask
         else:
-            pad_mask = torch.isneginf(key_padding_mask)
+            pad_mask = key_padding_mask == float("-inf")
             bias_values = (key_padding_mask != 0) & ~pad_mask
-            if torch.compiler.is_compiling():
+            if pure_torch():  # the padded path adds any float mask; a tracer must not bake in a branch
+                kpm_bias = key_padding_mask
+            elif torch.compiler.is_compiling():
                 # Inside a graph the branch cannot depend on the data: a 0 / -inf mask runs
                 # packed; a mask that carries a real bias fails at run time, never silently.
                 torch._assert_async(~bias_values.any(), "bertkern.Encoder under torch.compile: a float "

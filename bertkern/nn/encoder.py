@@ -140,6 +140,21 @@ def _load_copies(new: nn.Module, old: nn.Module, kept: set[str]) -> None:
     _preserve_flags(new, old)
 
 
+def _carry_submodules(new: nn.Module, old: nn.Module) -> set[str]:
+    """Between torch's and bertkern's layer: deep-copy into ``new`` each FFN / norm / dropout
+    submodule of ``old`` that is not a stock class with nothing attached (an adapter, a hooked
+    or subclassed norm), carry the stock dropouts' rates; return the names carried over."""
+    kept = set()
+    for name, classes in _STOCK.items():
+        sub = getattr(old, name)
+        if not is_stock(sub, *classes):
+            setattr(new, name, copy.deepcopy(sub))
+            kept.add(name)
+        elif isinstance(sub, nn.Dropout):
+            getattr(new, name).p = sub.p
+    return kept
+
+
 def _overrides_forward_without_packing(cls: type) -> bool:
     """An EncoderLayer subclass whose own ``forward`` cannot take cu_seqlens (torch's signature)."""
     cached = _PACKED_SIGNATURES.get(cls)
@@ -225,12 +240,7 @@ class EncoderLayer(nn.Module):
             layer_norm_eps=layer.norm1.eps, batch_first=attn.batch_first, norm_first=layer.norm_first,
             bias=attn.in_proj_bias is not None, device="meta", dtype=w.dtype,
         )
-        kept = set()
-        for name, classes in _STOCK.items():
-            sub = getattr(layer, name)
-            if not is_stock(sub, *classes):
-                setattr(new, name, copy.deepcopy(sub))
-                kept.add(name)
+        kept = _carry_submodules(new, layer)
         if not is_stock(attn, nn.MultiheadAttention):
             new.self_attn = copy.deepcopy(attn)  # torch's forward, given the padded batch
             kept.add("self_attn")
@@ -238,9 +248,6 @@ class EncoderLayer(nn.Module):
             new.self_attn.out_proj = copy.deepcopy(attn.out_proj)
             kept.add("self_attn.out_proj")
         new.self_attn.dropout = attn.dropout
-        for name in ("dropout", "dropout1", "dropout2"):
-            if name not in kept:
-                getattr(new, name).p = getattr(layer, name).p
         # Built on the meta device and given copies of the weights: no random init is drawn,
         # so converting (like torch's deepcopy of the layer) leaves the RNG stream untouched.
         _load_copies(new, layer, kept)
@@ -258,20 +265,12 @@ class EncoderLayer(nn.Module):
             activation=copy.deepcopy(self.activation) if isinstance(self.activation, nn.Module) else self.activation,
             layer_norm_eps=self.norm1.eps, batch_first=attn.batch_first, norm_first=self.norm_first,
             bias=attn.in_proj_bias is not None, device="meta", dtype=ref.dtype)
-        kept = set()
-        for name, classes in _STOCK.items():
-            sub = getattr(self, name)
-            if not is_stock(sub, *classes):
-                setattr(new, name, copy.deepcopy(sub))
-                kept.add(name)
+        kept = _carry_submodules(new, self)
         if type(attn) is not MultiheadAttention or not is_stock(attn.out_proj, _OUT_PROJ) or \
                 attn._forward_hooks or attn._forward_pre_hooks:
             new.self_attn = copy.deepcopy(attn)
             kept.add("self_attn")
         new.self_attn.dropout = attn.dropout
-        for name in ("dropout", "dropout1", "dropout2"):
-            if name not in kept:
-                getattr(new, name).p = getattr(self, name).p
         _load_copies(new, self, kept)
         return new
 

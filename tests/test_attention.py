@@ -208,8 +208,20 @@ def test_bad_input():
     with pytest.raises(ValueError, match="key_padding_mask has shape"):
         attention(q[None], k[None], v[None], key_padding_mask=torch.zeros(1, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="dropout_p"):
-        attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, dropout_p=1.0)
+        attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, dropout_p=1.5)
     with pytest.raises(ValueError, match="head dim"):
         attention(q[..., :12], k[..., :12], v[..., :12], cu_seqlens=cu, max_seqlen=max_len, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, backend="flash")
+
+
+def test_dropout_one_gives_zeros_with_zero_grads():
+    """dropout_p = 1 drops every probability: zeros, still connected to the graph (zero
+    gradients), as F.dropout(p=1) multiplies by zero."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(7, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    out = attention(q, k, v, cu_seqlens=cu, max_seqlen=4, dropout_p=1.0)
+    assert out.shape == q.shape and out.abs().max().item() == 0.0
+    out.sum().backward()
+    assert v.grad is not None and v.grad.abs().max().item() == 0.0

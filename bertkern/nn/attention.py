@@ -54,6 +54,10 @@ class MultiheadAttention(nn.MultiheadAttention):
     an adapter or hook on it acts (torch's own forward reads its weight and skips it).
     """
 
+    def reset_parameters(self) -> None:
+        """Re-initialize as torch's constructor does (the name deferred-init walks call)."""
+        self._reset_parameters()
+
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False, *, cu_seqlens=None, max_seqlen=None):
         if cu_seqlens is not None:

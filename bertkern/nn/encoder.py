@@ -611,8 +611,7 @@ def _run(layers, norm, batch_first, d_model, nhead, src, mask, key_padding_mask,
         x = src.reshape(batch * seqlen, e)
         cu = torch.arange(batch + 1, dtype=torch.int32, device=src.device) * seqlen
         out = _run_packed(layers, norm, x, cu, seqlen, causal, call_layers)
-        out = out.reshape(batch, seqlen, out.shape[-1])
-        return out.squeeze(0) if unbatched else out
+        return _fresh_view(out, (seqlen, out.shape[-1]) if unbatched else (batch, seqlen, out.shape[-1]))
     if pad_mask is None:
         pad_mask = torch.zeros(batch, seqlen, dtype=torch.bool, device=src.device)
     indices, cu, max_seqlen = torch.ops.bertkern.mask_to_indices(pad_mask)
@@ -624,5 +623,13 @@ def _run(layers, norm, batch_first, d_model, nhead, src, mask, key_padding_mask,
     x = _run_packed(layers, norm, x, cu, max_seqlen, causal, call_layers)
     out = torch.ops.bertkern.scatter_rows(x, indices, batch * seqlen)
     e_out = x.shape[-1]
-    out = out.view(batch, seqlen, e_out) if batch_first else out.view(seqlen, batch, e_out)
-    return out.squeeze(0 if batch_first else 1) if unbatched else out
+    if unbatched:
+        return _fresh_view(out, (seqlen, e_out))
+    return _fresh_view(out, (batch, seqlen, e_out) if batch_first else (seqlen, batch, e_out))
+
+
+def _fresh_view(out: torch.Tensor, shape) -> torch.Tensor:
+    """``out.view(shape)`` returned as a tensor that autograd does not treat as a view (what
+    torch's matmul does): FSDP2 registers its backward hooks on a module's outputs, and an
+    in-place op on a returned view would drop them (wrong gradients, silently)."""
+    return torch.ops.aten._unsafe_view(out, shape)

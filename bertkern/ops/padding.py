@@ -109,11 +109,29 @@ def key_padding_mask_from_attention_mask(attention_mask: torch.Tensor) -> torch.
 
 # ---- fakes ------------------------------------------------------------------------------------
 
+def _fake_ctx():
+    """The fake-impl context under FakeTensorMode (torch.compile, export); None for plain meta
+    tensors, whose Meta kernel (this fake, registered by register_fake) has no shape env to
+    allocate data-dependent sizes from: ``get_ctx()`` raises there (and returns None when the
+    fake is called directly)."""
+    try:
+        return torch.library.get_ctx()
+    except RuntimeError:
+        return None
+
+
 @torch.library.register_fake("bertkern::mask_to_indices")
 def _mask_to_indices_fake(key_padding_mask):
     _check_mask(None, key_padding_mask)
-    ctx = torch.library.get_ctx()
     batch, seqlen = key_padding_mask.shape
+    ctx = _fake_ctx()
+    if ctx is None:
+        # Plain meta tensors (deferred init, shape inference): no data, so the upper bound,
+        # every position real (what torch's meta nonzero returns under
+        # torch.fx.experimental._config.meta_nonzero_assume_all_nonzero): T = B * S, max_seqlen S.
+        indices = key_padding_mask.new_empty((batch * seqlen,), dtype=torch.int64)
+        cu_seqlens = key_padding_mask.new_empty((batch + 1,), dtype=torch.int32)
+        return indices, cu_seqlens, seqlen
     total = ctx.new_dynamic_size()  # T, the number of real tokens: known only from the data
     max_seqlen = ctx.new_dynamic_size()
     indices = key_padding_mask.new_empty((total,), dtype=torch.int64)

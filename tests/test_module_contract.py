@@ -519,3 +519,29 @@ def test_jit_script_raises_a_clear_error():
     for module in (bertkern.EncoderLayer(D, 4, 48), bertkern.Encoder(bertkern.EncoderLayer(D, 4, 48), 1)):
         with pytest.raises(RuntimeError, match="torch.compile.*torch.export"):
             torch.jit.script(module)
+
+
+# ---- unpadded inference: torch's fused layer, for the stock layer only ----------------------------
+
+def test_unpadded_inference_uses_torchs_fused_layer_only_when_stock(monkeypatch):
+    ref, bk = pair(dropout=0.1, norm_first=True, activation="gelu")
+    ref.eval()
+    bk.eval()
+    calls = []
+    original = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: calls.append(1) or original(*a))
+    src, kpm = batch("none")
+    expected = ref.double()(src.double(), src_key_padding_mask=kpm).float()
+    with torch.no_grad():
+        torch.testing.assert_close(bk(src, src_key_padding_mask=kpm), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bk(src), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4  # two layers, twice
+    # Padding, grad mode, training or anything attached: bertkern's own path.
+    with torch.no_grad():
+        bk(*batch("right")[:1], src_key_padding_mask=batch("right")[1])
+    bk(src)
+    fired = []
+    bk.layers[1].linear2.register_forward_hook(lambda m, a, o: fired.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(bk(src), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 5 and fired == [1]  # layer 0 still fused, layer 1 called its hooked linear2

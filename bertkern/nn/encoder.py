@@ -286,10 +286,46 @@ class EncoderLayer(nn.Module):
             if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.shape[-1] != e:
                 raise ValueAndAssertionError(f"EncoderLayer: packed src must have shape (T, {e}), "
                                              f"got {tuple(getattr(src, 'shape', ()))}")
+            fused = self._unpadded_inference(src, cu_seqlens, max_seqlen, bool(is_causal))
+            if fused is not None:
+                return fused
             return self._block(src, {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "is_causal": bool(is_causal)})
         attn = self.self_attn
         return _run([self], None, attn.batch_first, attn.embed_dim, attn.num_heads, src, src_mask,
                     src_key_padding_mask, is_causal, call_layers=False)
+
+    def _unpadded_inference(self, x, cu_seqlens, max_seqlen, causal):
+        """Inference on CPU when no sequence is shorter than the longest (nothing to remove):
+        torch's fused layer kernel (``torch._transformer_encoder_layer_fwd``, what
+        nn.TransformerEncoderLayer's fast path runs) is one op per layer, where bertkern's path
+        is ten, and faster on CPU at every size measured (benchmarks/bench_encoder.py, the
+        no_padding and small-model rows). Only for the stock layer with nothing attached;
+        returns None otherwise."""
+        attn = self.self_attn
+        if (self.training or torch.is_grad_enabled() or causal or x.device.type != "cpu" or x.dtype != torch.float32
+                or not isinstance(max_seqlen, int) or max_seqlen == 0 or pure_torch() or torch.compiler.is_compiling()):
+            return None
+        batch = cu_seqlens.shape[0] - 1
+        if x.shape[0] != batch * max_seqlen or attn.num_heads % 2 == 1:
+            return None
+        gelu = self.activation is F.gelu
+        if not (gelu or self.activation is F.relu) or self.norm1.eps != self.norm2.eps:
+            return None
+        if not (is_stock(attn, MultiheadAttention) and is_stock(attn.out_proj, _OUT_PROJ)
+                and is_stock(self.linear1, nn.Linear) and is_stock(self.linear2, nn.Linear)
+                and is_stock(self.norm1, *_LAYER_NORMS) and is_stock(self.norm2, *_LAYER_NORMS)
+                and all(is_stock(d, nn.Dropout) for d in (self.dropout, self.dropout1, self.dropout2))):
+            return None
+        weights = (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                   self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
+                   self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+        if any(w is None or w.dtype != x.dtype for w in weights):
+            return None
+        e = attn.embed_dim
+        out = torch._transformer_encoder_layer_fwd(x.view(batch, max_seqlen, e), e, attn.num_heads,
+                                                   *weights[:4], gelu, self.norm_first, self.norm1.eps,
+                                                   *weights[4:], None, None)
+        return out.view(x.shape)
 
     def _block(self, x: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
         """The layer on tokens: x (T, E) packed (attn_kwargs has cu_seqlens) or a padded batch in

@@ -549,11 +549,11 @@ def _run_nested(layers, norm, d_model, src, mask, key_padding_mask, is_causal, c
     if mask is not None or key_padding_mask is not None:
         raise ValueError("Encoder: a NestedTensor src holds no padding: pass no mask or src_key_padding_mask "
                          "(is_causal=True for causal attention)")
+    if src.dim() != 3 or src.size(-1) != d_model:
+        raise ValueAndAssertionError(f"Encoder: a NestedTensor src must be (B, j, E) with E = d_model = {d_model}, "
+                                     f"got {src.dim()}-D")
     if src.layout != torch.jagged:
         src = torch.nested.as_nested_tensor(list(src.unbind()), layout=torch.jagged)
-    if src.dim() != 3 or src.shape[-1] != d_model:
-        raise ValueAndAssertionError(f"Encoder: a NestedTensor src must be (B, j, E) with E = d_model = {d_model}, "
-                                     f"got {src.dim()}-D with last dim {src.shape[-1]}")
     values, offsets = src.values(), src.offsets()
     cu_seqlens = offsets.to(torch.int32)
     max_seqlen = src._maybe_max_seqlen

@@ -6,21 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertkern.errors import ValueAndAssertionError, ValueAndRuntimeError
-from bertkern.nn._contract import is_stock, pure_torch
+from bertkern.nn._contract import pure_torch
+from bertkern.nn._fused import call_linear
 from bertkern.ops.attention import attention_varlen
 from bertkern.ops.linear import linear
 
 __all__ = ["MultiheadAttention"]
-
-_OUT_PROJ = (nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Linear)
-
-
-def call_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; for a stock ``nn.Linear`` with nothing attached, bertkern's GEMM route."""
-    if is_stock(module, *_OUT_PROJ) and not pure_torch():
-        return linear(x, module.weight, module.bias)
-    return module(x)
-
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """bool (True = masked) -> 0 / -inf; float masks are already additive."""

@@ -45,16 +45,15 @@ from torch import nn
 from bertkern.errors import (TypeAndAssertionError, TypeAndAttributeError, TypeAndRuntimeError,
                              ValueAndAssertionError, ValueAndRuntimeError)
 from bertkern.nn._contract import is_stock, pure_torch
-from bertkern.nn.attention import MultiheadAttention, additive_mask, call_linear, causal_mask
+from bertkern.nn._fused import LAYER_NORMS as _LAYER_NORMS
+from bertkern.nn._fused import call_dropout, call_linear, call_norm
+from bertkern.nn.attention import MultiheadAttention, causal_mask
 from bertkern.nn.layer_norm import LayerNorm
-from bertkern.ops.dropout import dropout as fused_dropout
-from bertkern.ops.layer_norm import layer_norm
 from bertkern.ops.padding import pad_packed
 
 __all__ = ["EncoderLayer", "Encoder"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_LAYER_NORMS = (nn.LayerNorm, LayerNorm)
 _OUT_PROJ = nn.modules.linear.NonDynamicallyQuantizableLinear
 # torch's submodule classes in an nn.TransformerEncoderLayer -> what from_torch builds for them.
 _STOCK = {"linear1": (nn.Linear,), "linear2": (nn.Linear,), "norm1": _LAYER_NORMS, "norm2": _LAYER_NORMS,
@@ -75,42 +74,6 @@ def _activation_fn(activation):
 
 def _is_relu(fn) -> bool:
     return fn is F.relu or fn is torch.relu
-
-
-def _dropout(module: nn.Module, x: torch.Tensor, relu: bool = False, inplace_ok: bool = False) -> torch.Tensor:
-    """``module(relu(x) if relu else x)`` for the layer's nn.Dropout modules; on CPU one fused
-    pass (bertkern.ops.dropout: the mask is never stored). ``inplace_ok``: ``x`` is a fresh
-    GEMM output that nothing else reads, so a ReLU without dropout may run in place."""
-    if not is_stock(module, nn.Dropout) or pure_torch():  # a user's own module, or hooks: call it
-        return module(F.relu(x) if relu else x)
-    p = module.p if module.training else 0.0
-    if p == 0.0:
-        if not relu:
-            return x
-        return x.relu_() if inplace_ok else F.relu(x)
-    if x.device.type == "cpu" and p < 1.0:
-        return fused_dropout(x, p, True, relu=relu)
-    return module(F.relu(x) if relu else x)
-
-
-def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, return_residual: bool = False):
-    """``norm(x + residual)``, fused when ``norm`` is a stock LayerNorm over the last dim with
-    nothing attached; any other norm module is called on the sum.
-
-    Mixed dtypes (autocast: a bf16 GEMM output next to an fp32 residual stream) are promoted,
-    as the unfused ``x + residual`` would be."""
-    if residual is not None and residual.dtype != x.dtype:
-        dtype = torch.promote_types(x.dtype, residual.dtype)
-        x, residual = x.to(dtype), residual.to(dtype)
-    if is_stock(norm, *_LAYER_NORMS) and len(norm.normalized_shape) == 1 and not pure_torch():
-        weight, bias = norm.weight, norm.bias
-        if weight is not None and weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return layer_norm(x, weight, bias, norm.eps, residual, return_residual)
-    z = x if residual is None else x + residual
-    return (norm(z), z) if return_residual else norm(z)
 
 
 def _preserve_flags(new: nn.Module, old: nn.Module) -> None:
@@ -332,12 +295,12 @@ class EncoderLayer(nn.Module):
         the layer's layout (attn_kwargs has the masks)."""
         if self.norm_first:
             # x = x + sa(norm1(x)); x = x + ff(norm2(x)), the second add fused into norm2.
-            h, x = _norm(self.norm2, self._sa_block(_norm(self.norm1, x), attn_kwargs), residual=x,
+            h, x = call_norm(self.norm2, self._sa_block(call_norm(self.norm1, x), attn_kwargs), residual=x,
                          return_residual=True)
             f = self._ff_block(h)
             return x + f.to(x.dtype) if f.dtype != x.dtype else x + f
-        x = _norm(self.norm1, self._sa_block(x, attn_kwargs), residual=x)
-        return _norm(self.norm2, self._ff_block(x), residual=x)
+        x = call_norm(self.norm1, self._sa_block(x, attn_kwargs), residual=x)
+        return call_norm(self.norm2, self._ff_block(x), residual=x)
 
     def _sa_block(self, x: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
         attn = self.self_attn
@@ -349,16 +312,16 @@ class EncoderLayer(nn.Module):
                              attn.batch_first)
         else:
             a = attn(x, x, x, need_weights=False, **attn_kwargs)[0]
-        return _dropout(self.dropout1, a)
+        return call_dropout(self.dropout1, a)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         h = call_linear(self.linear1, x)
         fresh = is_stock(self.linear1, nn.Linear)  # h is ours alone: a ReLU may run in place
         if _is_relu(self.activation):
-            h = _dropout(self.dropout, h, relu=True, inplace_ok=fresh)  # relu + dropout in one pass
+            h = call_dropout(self.dropout, h, relu=True, inplace_ok=fresh)  # relu + dropout in one pass
         else:
-            h = _dropout(self.dropout, self.activation(h))
-        return _dropout(self.dropout2, call_linear(self.linear2, h))
+            h = call_dropout(self.dropout, self.activation(h))
+        return call_dropout(self.dropout2, call_linear(self.linear2, h))
 
     def __prepare_scriptable__(self):
         raise _script_error(type(self).__name__)
@@ -515,7 +478,7 @@ def _run_packed(layers, norm, x, cu_seqlens, max_seqlen, causal, call_layers):
         else:
             x = layer._block(x, {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "is_causal": causal})
     if norm is not None:
-        x = _norm(norm, x)
+        x = call_norm(norm, x)
     return x
 
 
@@ -528,7 +491,7 @@ def _run_padded(layers, norm, x, mask, key_padding_mask, causal, pad_mask, batch
         else:
             x = layer._block(x, {"attn_mask": mask, "key_padding_mask": key_padding_mask, "is_causal": causal})
     if norm is not None:
-        x = _norm(norm, x)
+        x = call_norm(norm, x)
     if pad_mask is not None:
         x = x.masked_fill((pad_mask if batch_first else pad_mask.T).unsqueeze(-1), 0.0)
     return x

@@ -7,13 +7,13 @@ No device is queried at import time.
 import torch  # noqa: F401  (loads libc10 / libtorch, which bertkern._C links against)
 
 from bertkern import _C  # noqa: F401  (registers torch.ops.bertkern.*)
-from bertkern import ops
+from bertkern import hf, ops
 from bertkern.nn import Encoder, EncoderLayer, LayerNorm
 from bertkern.models import BertConfig, BertModel
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "Encoder", "EncoderLayer", "LayerNorm", "BertModel", "BertConfig", "cuda_kernels_built"]
+__all__ = ["hf", "ops", "Encoder", "EncoderLayer", "LayerNorm", "BertModel", "BertConfig", "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:

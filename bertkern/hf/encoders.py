@@ -1,0 +1,273 @@
+"""Hugging Face BERT-family encoders run on packed real tokens, in place.
+
+``optimize(module)`` finds every supported HF base model inside ``module`` and gives that
+instance a ``forward`` of its own (an instance attribute: the class, the parameters, the
+state_dict and ``save_pretrained`` are untouched; ``restore`` deletes it). The new forward:
+
+    input_ids / inputs_embeds (B, S) + attention_mask (B, S), HF's convention: 1 = keep
+      -> position / token-type ids computed on the padded batch exactly as HF's embeddings do
+      -> the T real tokens gathered once; ``model.embeddings`` called (as a module) on them
+      -> each layer on packed tokens (T, H): query / key / value, varlen fused attention,
+         attention.output.dense + dropout + LayerNorm(residual) fused, intermediate dense +
+         activation, output.dense + dropout + LayerNorm(residual) fused; every Linear,
+         LayerNorm, Dropout and activation that is not the stock class with nothing attached
+         (a PEFT LoRA layer, a hook) is called as a module on the packed tokens
+      -> padding put back once: last_hidden_state (B, S, H) with zeros at padded positions;
+         ``model.pooler`` called as a module; hidden_states (output_hidden_states=True) are the
+         embedding output and every layer's output, each with zeros at padded positions.
+
+A call falls back to transformers' own forward (the class's, never a wrong answer) for what is
+not fused here: ``output_attentions``, ``head_mask``, cross-attention / cache / decoder
+arguments, positional arguments past ``inputs_embeds``, a 3-D / 4-D attention mask, a
+batch whose position 0 is padding in a model with a pooler (left padding: HF pools the value
+it computed at that padding token),
+``output_hidden_states`` given as layer indices, gradient checkpointing in training, hooks on
+the layer containers (BertLayer, BertAttention, ...; transformers' own output-capturing hooks
+excepted), and while an exporter records the model (torch.onnx, torch.jit.trace).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from bertkern.nn._contract import has_hooks, pure_torch
+from bertkern.nn._fused import call_dropout, call_linear, call_norm
+from bertkern.ops.attention import attention_varlen
+
+__all__ = ["optimize", "restore", "is_optimized", "SUPPORTED"]
+
+# transformers class name -> the output class its forward returns.
+SUPPORTED = {
+    "BertModel": "BaseModelOutputWithPoolingAndCrossAttentions",
+    "RobertaModel": "BaseModelOutputWithPoolingAndCrossAttentions",
+    "XLMRobertaModel": "BaseModelOutputWithPoolingAndCrossAttentions",
+    "CamembertModel": "BaseModelOutputWithPoolingAndCrossAttentions",
+    "ElectraModel": "BaseModelOutputWithPastAndCrossAttentions",
+}
+_MARK = "_bertkern_optimized"
+# Keyword arguments the fast path takes, with the values it takes them at.
+_BENIGN = {"head_mask": None, "encoder_hidden_states": None, "encoder_attention_mask": None, "cache": None,
+           "past_key_values": None, "use_cache": (None, False), "output_attentions": (None, False)}
+
+
+def _supported_classes():
+    import transformers
+
+    return tuple(getattr(transformers, name) for name in SUPPORTED if hasattr(transformers, name))
+
+
+def _check_config(model: nn.Module) -> None:
+    config = model.config
+    name = type(model).__name__
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError(f"bertkern.hf.optimize: {name} is configured as a decoder (is_decoder / add_cross_attention); "
+                         "bertkern runs bidirectional encoders only")
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"bertkern.hf.optimize: {name} uses position_embedding_type="
+                         f"{config.position_embedding_type!r}; bertkern supports 'absolute' only")
+    for i, layer in enumerate(model.encoder.layer):
+        for path in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.self.dropout",
+                     "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+                     "output.dense", "output.LayerNorm"):
+            try:
+                layer.get_submodule(path)
+            except AttributeError:
+                raise ValueError(f"bertkern.hf.optimize: {name}.encoder.layer[{i}] has no {path}: not the BERT "
+                                 "layer layout bertkern runs") from None
+
+
+def optimize(module: nn.Module) -> nn.Module:
+    """Make every supported HF encoder stack inside ``module`` run on bertkern's kernels, in
+    place; returns ``module``. Raises TypeError when there is none (naming what is supported)
+    and ValueError for a supported class configured in a way bertkern does not run."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"bertkern.hf.optimize expects an nn.Module, got {type(module).__name__}")
+    classes = _supported_classes()
+    stacks = [m for m in module.modules() if isinstance(m, classes)]
+    if not stacks:
+        found = sorted({type(m).__name__ for m in module.modules() if hasattr(m, "config")})
+        raise TypeError(f"bertkern.hf.optimize: no supported encoder in {type(module).__name__}"
+                        f"{' (found ' + ', '.join(found) + ')' if found else ''}; supported: "
+                        f"{', '.join(SUPPORTED)} and every head model built on them (BERT-architecture "
+                        "checkpoints such as MiniLM included). DistilBERT and decoders are not supported.")
+    for m in stacks:
+        _check_config(m)
+    for m in stacks:
+        if not m.__dict__.get(_MARK, False):
+            m.forward = _fast_forward(m)
+            m.__dict__[_MARK] = True
+    return module
+
+
+def restore(module: nn.Module) -> nn.Module:
+    """Undo :func:`optimize`: every optimized stack inside ``module`` runs transformers' forward."""
+    for m in module.modules():
+        if m.__dict__.pop(_MARK, False):
+            m.__dict__.pop("forward", None)
+    return module
+
+
+def is_optimized(module: nn.Module) -> bool:
+    return any(m.__dict__.get(_MARK, False) for m in module.modules())
+
+
+# ---- the forward -----------------------------------------------------------------------------
+
+def _fast_forward(model: nn.Module):
+    original = type(model).forward.__get__(model)
+
+    @functools.wraps(original)
+    def forward(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                *args, **kwargs):
+        if args or not _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs):
+            return original(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, *args, **kwargs)
+        return _packed_forward(model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs)
+
+    return forward
+
+
+def _user_hooks(m: nn.Module) -> bool:
+    """Hooks besides transformers' own output-capturing ones (inert unless outputs are asked for)."""
+    if not has_hooks(m):
+        return False
+    hooks = list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values()) + \
+        list(m._backward_hooks.values()) + list(m._backward_pre_hooks.values())
+    from torch.nn.modules import module as _module
+
+    hooks += list(_module._global_forward_hooks.values()) + list(_module._global_forward_pre_hooks.values())
+    return any(getattr(h, "__module__", "") != "transformers.utils.output_capturing" for h in hooks) or \
+        bool(_module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs) -> bool:
+    if pure_torch() or (input_ids is None) == (inputs_embeds is None):
+        return False  # an exporter records transformers' path; HF raises the input error itself
+    for key, value in kwargs.items():
+        if key in ("return_dict", "output_hidden_states"):
+            continue
+        if key not in _BENIGN:
+            return False
+        allowed = _BENIGN[key]
+        if not (value in allowed if isinstance(allowed, tuple) else value is allowed):
+            return False
+    config = model.config
+    if getattr(config, "output_attentions", False):
+        return False
+    hidden = kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False))
+    if hidden is not None and not isinstance(hidden, bool):
+        return False  # layer indices: transformers selects them
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref.dim() != (2 if input_ids is not None else 3):
+        return False
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(ref.shape[:2]):
+        return False
+    if inputs_embeds is not None and inputs_embeds.dtype == torch.float64 and inputs_embeds.device.type != "cpu":
+        return False
+    if (getattr(model, "pooler", None) is not None and attention_mask is not None
+            and not bool(attention_mask[:, :1].all())):
+        # HF's pooler reads position 0, which this batch pads (left padding): transformers
+        # computes a value for that padding token and pools it; only its forward gives that.
+        return False
+    containers = [model.embeddings, model.encoder]
+    for layer in model.encoder.layer:
+        if model.training and getattr(layer, "gradient_checkpointing", False):
+            return False
+        containers += [layer, layer.attention, layer.attention.self, layer.attention.output, layer.intermediate,
+                       layer.output]
+    return not any(_user_hooks(m) for m in containers)
+
+
+def _packed_forward(model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs):
+    from transformers import modeling_outputs
+
+    config = model.config
+    emb = model.embeddings
+    ref = input_ids if input_ids is not None else inputs_embeds
+    batch, seqlen = ref.shape[:2]
+    device = ref.device
+    # Ids on the padded batch, as transformers' embeddings compute them.
+    if position_ids is None:
+        if hasattr(emb, "create_position_ids_from_input_ids"):  # RoBERTa family: from the pad token
+            position_ids = (emb.create_position_ids_from_input_ids(input_ids, emb.padding_idx) if input_ids is not None
+                            else emb.create_position_ids_from_inputs_embeds(inputs_embeds, emb.padding_idx))
+        else:
+            position_ids = emb.position_ids[:, :seqlen]
+    position_ids = position_ids.expand(batch, seqlen)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+    token_type_ids = token_type_ids.expand(batch, seqlen)
+
+    if attention_mask is None:
+        indices = None
+        cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+        max_seqlen = seqlen
+
+        def real(t):
+            return t.reshape(batch * seqlen, *t.shape[2:])
+    else:
+        key_padding_mask = attention_mask == 0  # HF: 1 = keep; torch / bertkern: True = padding
+        indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
+
+        def real(t):
+            return torch.ops.bertkern.gather_rows(t.reshape(batch * seqlen, *t.shape[2:]), indices)
+
+    x = emb(input_ids=None if input_ids is None else real(input_ids)[None],
+            token_type_ids=real(token_type_ids)[None], position_ids=real(position_ids)[None],
+            inputs_embeds=None if inputs_embeds is None else real(inputs_embeds)[None])[0]
+    if hasattr(model, "embeddings_project"):  # ELECTRA with embedding_size != hidden_size
+        x = model.embeddings_project(x)
+
+    def padded(t):
+        if indices is None:
+            return t.reshape(batch, seqlen, t.shape[-1])
+        out = torch.ops.bertkern.scatter_rows(t, indices, batch * seqlen)
+        return torch.ops.aten._unsafe_view(out, (batch, seqlen, t.shape[-1]))
+
+    want_hidden = bool(kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False)))
+    hidden_states = [x] if want_hidden else None
+    for layer in model.encoder.layer:
+        x = _layer(layer, x, cu_seqlens, max_seqlen)
+        if want_hidden:
+            hidden_states.append(x)
+    last = padded(x)
+    fields = {"last_hidden_state": last}
+    output_cls = getattr(modeling_outputs, SUPPORTED[_supported_name(model)])
+    if "pooler_output" in output_cls.__dataclass_fields__:
+        pooler = getattr(model, "pooler", None)
+        fields["pooler_output"] = pooler(last) if pooler is not None else None
+    if want_hidden:
+        fields["hidden_states"] = tuple(padded(h) for h in hidden_states[:-1]) + (last,)
+    out = output_cls(**fields)
+    return_dict = kwargs.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+def _supported_name(model) -> str:
+    for cls in type(model).__mro__:
+        if cls.__name__ in SUPPORTED:
+            return cls.__name__
+    raise TypeError(type(model).__name__)
+
+
+def _layer(layer, x, cu_seqlens, max_seqlen):
+    """One BERT layer on packed tokens x (T, H): post-LN, as transformers' BertLayer."""
+    sa = layer.attention.self
+    total = x.shape[0]
+    heads, head_dim = sa.num_attention_heads, sa.attention_head_size
+
+    def split(t):
+        return t.view(total, heads, head_dim)
+
+    q, k, v = split(call_linear(sa.query, x)), split(call_linear(sa.key, x)), split(call_linear(sa.value, x))
+    p = sa.dropout.p if sa.training else 0.0
+    a = attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, scale=sa.scaling).reshape(total, heads * head_dim)
+    so = layer.attention.output
+    h = call_norm(so.LayerNorm, call_dropout(so.dropout, call_linear(so.dense, a)), residual=x)
+    inter = layer.intermediate
+    i = inter.intermediate_act_fn(call_linear(inter.dense, h))
+    out = layer.output
+    return call_norm(out.LayerNorm, call_dropout(out.dropout, call_linear(out.dense, i)), residual=h)

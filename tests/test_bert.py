@@ -348,3 +348,70 @@ def test_empty_batch_or_sequence(batch, seqlen, with_mask):
     # no first token: the pooler sees zeros, as for a row whose position 0 is padding
     torch.testing.assert_close(out.pooler_output, torch.tanh(model.pooler.dense.bias).expand(batch, -1),
                                atol=0, rtol=0)
+
+
+# ---- HF's keyword arguments and output conventions ---------------------------------------------
+
+def test_hf_keywords_and_output_access():
+    hf = make_hf("h48-3heads-2layers-relu", "sdpa")
+    model = BertModel.from_hf(hf)
+    ids = batch_ids(3, 7)
+    mask = right_padded_mask([7, 4, 6], 7)
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True,
+                output_attentions=False, use_cache=False, encoder_hidden_states=None)
+    ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    # Attribute, key and position access, as transformers' ModelOutput.
+    assert out["last_hidden_state"] is out.last_hidden_state is out[0]
+    assert out["pooler_output"] is out.pooler_output is out[1]
+    assert list(out.keys()) == ["last_hidden_state", "pooler_output", "hidden_states"]
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], **TOL)
+        assert ours[mask == 0].abs().max().item() == 0.0  # zeros at padding
+    assert out.hidden_states[-1] is out.last_hidden_state
+    tup = model(ids, attention_mask=mask, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 2
+    torch.testing.assert_close(tup[0], out.last_hidden_state)
+    no_pool = BertModel.from_hf(transformers.BertModel(hf.config, add_pooling_layer=False))
+    assert list(no_pool(ids).keys()) == ["last_hidden_state"] and no_pool(ids).pooler_output is None
+
+
+def test_inputs_embeds_matches_hf():
+    hf = make_hf("h32-2heads-1layer-gelu", "eager")
+    model = BertModel.from_hf(hf)
+    ids = batch_ids(2, 6)
+    mask = right_padded_mask([6, 3], 6)
+    embeds = hf.embeddings.word_embeddings(ids).detach() + 0.05 * torch.randn(2, 6, 32)
+    e1 = embeds.clone().requires_grad_()
+    e2 = embeds.clone().requires_grad_()
+    ours = model(inputs_embeds=e1, attention_mask=mask)
+    theirs = hf(inputs_embeds=e2, attention_mask=mask)
+    assert_real_tokens_close(ours, theirs, mask)
+    w = torch.randn(2, 6, 32) * mask.unsqueeze(-1)
+    (ours.last_hidden_state * w).sum().backward()
+    (theirs.last_hidden_state * w).sum().backward()
+    torch.testing.assert_close(e1.grad[mask.bool()], e2.grad[mask.bool()], **GRAD_TOL)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=embeds)
+
+
+def test_unsupported_hf_keywords_raise_clearly():
+    model = BertModel.from_hf(make_hf("h32-2heads-1layer-gelu", "sdpa"))
+    ids = batch_ids(2, 5)
+    with pytest.raises(ValueError, match="bertkern.hf.optimize"):
+        model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="bertkern.hf.optimize"):
+        model(ids, head_mask=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        model(ids, encoder_hidden_states=torch.randn(2, 5, 32))
+
+
+def test_from_pretrained_loads_a_saved_checkpoint(tmp_path):
+    hf = make_hf("h48-3heads-2layers-relu", "sdpa")
+    head = transformers.BertForSequenceClassification(hf.config)
+    head.bert = hf
+    head.save_pretrained(tmp_path)
+    model = BertModel.from_pretrained(str(tmp_path))
+    ids = batch_ids(2, 6)
+    mask = right_padded_mask([6, 2], 6)
+    assert_real_tokens_close(model(ids, attention_mask=mask), hf(ids, attention_mask=mask), mask)

@@ -267,7 +267,8 @@ def test_jit_trace_bert():
         inputs = bert_inputs(seqlen, rows, seed=10 + i)
         with torch.no_grad():
             ref = model(**inputs)
-            hidden, pooled = traced(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+            out = traced(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+            hidden, pooled = out["last_hidden_state"], out["pooler_output"]  # the output traces as a dict
         assert_matches(hidden, ref.last_hidden_state, inputs["attention_mask"] == 0)
         torch.testing.assert_close(pooled, ref.pooler_output, **ATOL)
 

@@ -150,7 +150,7 @@ def _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs) -> bo
         if key not in _BENIGN:
             return False
         allowed = _BENIGN[key]
-        if not (value in allowed if isinstance(allowed, tuple) else value is allowed):
+        if not any(value is a for a in (allowed if isinstance(allowed, tuple) else (allowed,))):
             return False
     config = model.config
     if getattr(config, "output_attentions", False):

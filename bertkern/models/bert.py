@@ -24,9 +24,10 @@ the packed path with bertkern's custom operators.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,12 +119,50 @@ class BertConfig:
         return cls(**{f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls)})
 
 
-class BertModelOutput(NamedTuple):
-    """``last_hidden_state`` (B, S, H), zeros at padded positions; ``pooler_output`` (B, H), or
-    None for a model built with ``add_pooling_layer=False``."""
+class BertModelOutput(collections.OrderedDict):
+    """What :class:`BertModel` returns, read the way transformers' ``ModelOutput`` is read: by
+    attribute (``out.last_hidden_state``), key (``out["pooler_output"]``) or position
+    (``out[0]``, ``out.to_tuple()``); fields that are None are left out of the keys and the
+    tuple, as in transformers.
 
-    last_hidden_state: torch.Tensor
-    pooler_output: torch.Tensor | None
+    ``last_hidden_state`` (B, S, H), zeros at padded positions; ``pooler_output`` (B, H), None
+    for a model built with ``add_pooling_layer=False``; ``hidden_states`` (with
+    ``output_hidden_states=True``): the embedding output and every layer's output, (B, S, H)
+    each, zeros at padded positions.
+    """
+
+    FIELDS = ("last_hidden_state", "pooler_output", "hidden_states")
+
+    def __init__(self, last_hidden_state=None, pooler_output=None, hidden_states=None):
+        super().__init__()
+        for name, value in zip(self.FIELDS, (last_hidden_state, pooler_output, hidden_states)):
+            if value is not None:
+                super().__setitem__(name, value)
+
+    def __getattr__(self, name):
+        if name in BertModelOutput.FIELDS:
+            return self.get(name)
+        raise AttributeError(f"BertModelOutput has no attribute {name!r}")
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+    def __reduce__(self):
+        return (type(self), tuple(self.get(f) for f in self.FIELDS))
+
+
+# torch.export / torch.compile see through it as they do through transformers' ModelOutput.
+torch.utils._pytree.register_pytree_node(
+    BertModelOutput,
+    lambda out: (list(out.values()), list(out.keys())),
+    lambda values, keys: BertModelOutput(**dict(zip(keys, values))),
+    serialized_type_name="bertkern.models.bert.BertModelOutput",
+)
 
 
 class BertEmbeddings(nn.Module):
@@ -141,9 +180,10 @@ batch, (B, S)). Parameter names are HF's."""
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **factory)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+    def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
+                token_type_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        x = words + self.position_embeddings(position_ids)
         if token_type_ids is None:  # all type 0: one row, broadcast
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -196,14 +236,25 @@ class BertModel(nn.Module):
         self.encoder = Encoder(layer, config.num_hidden_layers, enable_nested_tensor=False)
         self.pooler = BertPooler(config, **factory) if add_pooling_layer else None
 
-    def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"BertModel: input_ids must be a Tensor, got {type(input_ids).__name__}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"BertModel: input_ids must have shape (B, S), got {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"BertModel: input_ids must be int64 or int32, got {input_ids.dtype}")
-        shape = tuple(input_ids.shape)
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("BertModel: pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor):
+                raise TypeError(f"BertModel: input_ids must be a Tensor, got {type(input_ids).__name__}")
+            if input_ids.dim() != 2:
+                raise ValueError(f"BertModel: input_ids must have shape (B, S), got {tuple(input_ids.shape)}")
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"BertModel: input_ids must be int64 or int32, got {input_ids.dtype}")
+            ref = input_ids
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise TypeError("BertModel: inputs_embeds must be a floating-point Tensor (B, S, H)")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"BertModel: inputs_embeds must have shape (B, S, {self.config.hidden_size}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            ref = inputs_embeds
+        shape = tuple(ref.shape[:2])
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
                         ("position_ids", position_ids)):
             if t is None:
@@ -211,86 +262,132 @@ class BertModel(nn.Module):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"BertModel: {name} must be a Tensor, got {type(t).__name__}")
             if tuple(t.shape) != shape:
-                raise ValueError(f"BertModel: {name} must have the shape of input_ids (B, S) = {shape}, "
+                raise ValueError(f"BertModel: {name} must have the shape of input_ids (or of inputs_embeds without H), (B, S) = {shape}, "
                                  f"got {tuple(t.shape)}")
-            if t.device != input_ids.device:
-                raise ValueError(f"BertModel: {name} is on {t.device} but input_ids is on {input_ids.device}")
+            if t.device != ref.device:
+                raise ValueError(f"BertModel: {name} is on {t.device} but the input is on {ref.device}")
             if name != "attention_mask" and t.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"BertModel: {name} must be int64 or int32, got {t.dtype}")
         if position_ids is None and shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"BertModel: sequence length {shape[1]} exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> BertModelOutput:
-        """Encode a padded batch.
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                head_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **kwargs) -> BertModelOutput | tuple:
+        """Encode a padded batch; HF's ``BertModel.forward`` keywords.
 
         Args:
-            input_ids: (B, S) int64 / int32 token ids.
+            input_ids: (B, S) int64 / int32 token ids; or ``inputs_embeds`` (B, S, H) instead.
             attention_mask: (B, S), HF's convention: 1 = real token, 0 = padding (bool, int or
                 float). Padding may be anywhere (right, left, in between). None = no padding.
             token_type_ids: (B, S) segment ids; None = all 0.
             position_ids: (B, S) absolute positions; None = 0 .. S-1 in every row, as HF does
                 (so with left padding the first real token is not at position 0, as in HF).
+            output_hidden_states: also return the embedding output and every layer's output.
+            return_dict: False returns ``to_tuple()``.
+            ``head_mask``, ``output_attentions=True`` and decoder arguments
+            (``encoder_hidden_states``, ``past_key_values``, ``use_cache=True``) raise
+            ValueError: bertkern never forms the attention matrix. ``bertkern.hf.optimize`` on
+            the transformers model falls back to transformers for those calls instead.
 
         Returns:
             :class:`BertModelOutput`: ``last_hidden_state`` (B, S, H), zeros at padded positions
             (HF leaves there values computed from the padding tokens); ``pooler_output`` (B, H):
             ``tanh(dense(last_hidden_state[:, 0]))``, HF's pooler on position 0 (for a row whose
             position 0 is padding that is ``tanh(dense.bias)``, where HF pools its value at the
-            padding token). A row that is all padding gives a zero last_hidden_state, never NaN.
+            padding token); ``hidden_states`` when asked. A row that is all padding gives a zero
+            last_hidden_state, never NaN.
         """
-        self._check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
-        batch, seqlen = input_ids.shape
+        if head_mask is not None or output_attentions:
+            raise ValueError("BertModel: head_mask / output_attentions need the attention matrix, which bertkern "
+                             "never forms; run the transformers model under bertkern.hf.optimize (it falls back "
+                             "to transformers for such calls)")
+        for key, value in kwargs.items():
+            if key not in ("encoder_hidden_states", "encoder_attention_mask", "past_key_values", "cache",
+                           "use_cache") or not (value is None or value is False):
+                raise ValueError(f"BertModel: {key} is not supported (bertkern.BertModel is an encoder)")
+        self._check_inputs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, seqlen = ref.shape[:2]
         hidden_size = self.config.hidden_size
-        device = input_ids.device
+        device = ref.device
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
 
+        layers = [] if output_hidden_states else None
         if pure_torch():
-            hidden = self._forward_padded(input_ids, attention_mask, token_type_ids, position_ids)
-        elif attention_mask is None:
-            # No padding: the batch is already packed; no gather, no scatter.
-            x = self.embeddings(input_ids.reshape(-1), position_ids.reshape(-1),
-                                None if token_type_ids is None else token_type_ids.reshape(-1))
-            cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
-            x = self.encoder.forward_packed(x, cu_seqlens, seqlen)
-            hidden = x.view(batch, seqlen, hidden_size)
+            if output_hidden_states:
+                raise ValueError("BertModel: output_hidden_states is not exported; export last_hidden_state")
+            hidden = self._forward_padded(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         else:
-            key_padding_mask = key_padding_mask_from_attention_mask(attention_mask)  # True = padding
-            indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
+            if attention_mask is None:
+                # No padding: the batch is already packed; no gather, no scatter.
+                indices, max_seqlen = None, seqlen
+                cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 
-            def real(ids):
-                return ids.reshape(-1).index_select(0, indices)
+                def real(t):
+                    return t.reshape(batch * seqlen, *t.shape[2:])
+            else:
+                key_padding_mask = key_padding_mask_from_attention_mask(attention_mask)  # True = padding
+                indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
 
-            x = self.embeddings(real(input_ids), real(position_ids),
-                                None if token_type_ids is None else real(token_type_ids))
-            x = self.encoder.forward_packed(x, cu_seqlens, max_seqlen)
-            hidden = torch.ops.bertkern.scatter_rows(x, indices, batch * seqlen).view(batch, seqlen, hidden_size)
+                def real(t):
+                    return torch.ops.bertkern.gather_rows(t.reshape(batch * seqlen, *t.shape[2:]), indices)
+
+            def padded(x):
+                if indices is not None:
+                    x = torch.ops.bertkern.scatter_rows(x, indices, batch * seqlen)
+                return torch.ops.aten._unsafe_view(x, (batch, seqlen, hidden_size))
+
+            x = self.embeddings(None if input_ids is None else real(input_ids), real(position_ids),
+                                None if token_type_ids is None else real(token_type_ids),
+                                None if inputs_embeds is None else real(inputs_embeds))
+            if layers is not None:
+                layers.append(x)
+            x = self.encoder.forward_packed(x, cu_seqlens, max_seqlen, hidden_states=layers)
+            hidden = padded(x)
 
         pooled = None
         if self.pooler is not None:
             first = hidden[:, 0] if seqlen > 0 else hidden.new_zeros(batch, hidden_size)
             pooled = self.pooler(first)
-        return BertModelOutput(hidden, pooled)
+        hidden_states = None
+        if layers is not None:
+            hidden_states = tuple(padded(h) for h in layers[:-1]) + (hidden,)
+        out = BertModelOutput(hidden, pooled, hidden_states)
+        return out.to_tuple() if return_dict is False else out
 
-    def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids) -> torch.Tensor:
+    def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds) -> torch.Tensor:
         """The pure-torch padded path (exporters): the layers on the whole padded batch, padded
         positions masked out of attention as keys and zeroed in the output."""
         if attention_mask is None:
-            return self.encoder(self.embeddings(input_ids, position_ids, token_type_ids))
+            return self.encoder(self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds))
         key_padding_mask = key_padding_mask_from_attention_mask(attention_mask)  # True = padding
         # The packed path never reads ids at padded positions: give the lookups a valid index
         # there (any garbage, e.g. -100 or an id past the vocabulary, would fail the gather).
-        input_ids = input_ids.masked_fill(key_padding_mask, 0)
+        if input_ids is not None:
+            input_ids = input_ids.masked_fill(key_padding_mask, 0)
         position_ids = position_ids.masked_fill(key_padding_mask, 0)
         if token_type_ids is not None:
             token_type_ids = token_type_ids.masked_fill(key_padding_mask, 0)
-        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        x = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
         hidden = self.encoder(x, src_key_padding_mask=key_padding_mask)
         # The Encoder zeros padded positions already; kept explicit, as the packed path's scatter.
         return hidden.masked_fill(key_padding_mask.unsqueeze(-1), 0.0)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str, **hf_kwargs) -> "BertModel":
+        """Load a BERT checkpoint with ``transformers.BertModel.from_pretrained(path_or_name,
+        **hf_kwargs)`` (a local folder or a hub name transformers can resolve; a checkpoint of a
+        ``BertFor...`` head loads its encoder) and convert it with :meth:`from_hf`."""
+        try:
+            import transformers
+        except ImportError as e:  # optional extra
+            raise ImportError("BertModel.from_pretrained needs the `transformers` package") from e
+        return cls.from_hf(transformers.BertModel.from_pretrained(path_or_name, **hf_kwargs))
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> "BertModel":

@@ -417,12 +417,14 @@ class Encoder(nn.Module):
                     src_key_padding_mask, is_causal, call_layers=True)
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                       causal: bool = False) -> torch.Tensor:
+                       causal: bool = False, hidden_states: list | None = None) -> torch.Tensor:
         """Run every layer (and the final norm) on packed tokens: x (T, E), cu_seqlens (B+1,)
-        int32, max_seqlen the longest sequence (what bertkern.ops.unpad returns)."""
+        int32, max_seqlen the longest sequence (what bertkern.ops.unpad returns). A list passed
+        as ``hidden_states`` gets every layer's output (T, E) appended."""
         if x.dim() != 2 or x.shape[-1] != self._d_model:
             raise ValueAndAssertionError(f"forward_packed: x must have shape (T, {self._d_model}), got {tuple(x.shape)}")
-        return _run_packed(self.layers, self.norm, x, cu_seqlens, max_seqlen, causal, call_layers=True)
+        return _run_packed(self.layers, self.norm, x, cu_seqlens, max_seqlen, causal, call_layers=True,
+                           hidden_states=hidden_states)
 
     def __prepare_scriptable__(self):
         raise _script_error(type(self).__name__)
@@ -471,12 +473,14 @@ def _call_layer_packed(layer, x, cu_seqlens, max_seqlen, causal):
                         x, cu_seqlens, max_seqlen, causal, getattr(attn, "batch_first", True))
 
 
-def _run_packed(layers, norm, x, cu_seqlens, max_seqlen, causal, call_layers):
+def _run_packed(layers, norm, x, cu_seqlens, max_seqlen, causal, call_layers, hidden_states=None):
     for layer in layers:
         if call_layers:
             x = _call_layer_packed(layer, x, cu_seqlens, max_seqlen, causal)
         else:
             x = layer._block(x, {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "is_causal": causal})
+        if hidden_states is not None:
+            hidden_states.append(x)
     if norm is not None:
         x = call_norm(norm, x)
     return x

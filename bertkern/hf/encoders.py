@@ -17,7 +17,8 @@ state_dict and ``save_pretrained`` are untouched; ``restore`` deletes it). The n
          embedding output and every layer's output, each with zeros at padded positions.
 
 A call falls back to transformers' own forward (the class's, never a wrong answer) for what is
-not fused here: ``output_attentions``, ``head_mask``, cross-attention / cache / decoder
+not fused here: a batch with padding under a question-answering head (its loss reads every
+padded position), ``output_attentions``, ``head_mask``, cross-attention / cache / decoder
 arguments, positional arguments past ``inputs_embeds``, a 3-D / 4-D attention mask, a
 batch whose position 0 is padding in a model with a pooler (left padding: HF pools the value
 it computed at that padding token),
@@ -27,7 +28,7 @@ excepted), and while an exporter records the model (torch.onnx, torch.jit.trace)
 """
 from __future__ import annotations
 
-import functools
+import inspect
 
 import torch
 from torch import nn
@@ -48,7 +49,8 @@ SUPPORTED = {
 }
 _MARK = "_bertkern_optimized"
 # Keyword arguments the fast path takes, with the values it takes them at.
-_BENIGN = {"head_mask": None, "encoder_hidden_states": None, "encoder_attention_mask": None, "cache": None,
+_BENIGN = {"num_items_in_batch": "any",  # a loss argument heads pass on (HF Trainer): no effect here
+           "head_mask": None, "encoder_hidden_states": None, "encoder_attention_mask": None, "cache": None,
            "past_key_values": None, "use_cache": (None, False), "output_attentions": (None, False)}
 
 
@@ -94,9 +96,14 @@ def optimize(module: nn.Module) -> nn.Module:
                         "checkpoints such as MiniLM included). DistilBERT and decoders are not supported.")
     for m in stacks:
         _check_config(m)
+    # A question-answering head takes a softmax over every position, padding included: there
+    # transformers' values at padded positions (computed from the padding tokens) are part of
+    # the loss, so such a stack falls back whenever its batch has padding.
+    exact = {id(sub) for head in module.modules() if type(head).__name__.endswith("ForQuestionAnswering")
+             for sub in head.modules()}
     for m in stacks:
         if not m.__dict__.get(_MARK, False):
-            m.forward = _fast_forward(m)
+            m.forward = _FastForward(m, exact_padding=id(m) in exact)
             m.__dict__[_MARK] = True
     return module
 
@@ -115,17 +122,28 @@ def is_optimized(module: nn.Module) -> bool:
 
 # ---- the forward -----------------------------------------------------------------------------
 
-def _fast_forward(model: nn.Module):
-    original = type(model).forward.__get__(model)
+class _FastForward:
+    """The ``forward`` that :func:`optimize` gives a model instance. An object rather than a
+    closure, so that ``copy.deepcopy`` (EMA copies, ``model.copy()``) and pickling
+    (``torch.save(model)``) carry it over to the copy's own weights. Its signature is
+    transformers' (``inspect.signature(model.forward)`` is unchanged for Trainer, PEFT,
+    sentence-transformers)."""
 
-    @functools.wraps(original)
-    def forward(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                *args, **kwargs):
-        if args or not _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs):
-            return original(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, *args, **kwargs)
+    def __init__(self, model: nn.Module, exact_padding: bool):
+        self.model = model
+        self.exact_padding = exact_padding
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, *args, **kwargs):
+        model = self.model
+        if args or not _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs, self.exact_padding):
+            return type(model).forward(model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                       *args, **kwargs)
         return _packed_forward(model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs)
-
-    return forward
 
 
 def _user_hooks(m: nn.Module) -> bool:
@@ -141,7 +159,7 @@ def _user_hooks(m: nn.Module) -> bool:
         bool(_module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
-def _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs) -> bool:
+def _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs, exact_padding=False) -> bool:
     if pure_torch() or (input_ids is None) == (inputs_embeds is None):
         return False  # an exporter records transformers' path; HF raises the input error itself
     for key, value in kwargs.items():
@@ -150,7 +168,7 @@ def _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs) -> bo
         if key not in _BENIGN:
             return False
         allowed = _BENIGN[key]
-        if not any(value is a for a in (allowed if isinstance(allowed, tuple) else (allowed,))):
+        if allowed != "any" and not any(value is a for a in (allowed if isinstance(allowed, tuple) else (allowed,))):
             return False
     config = model.config
     if getattr(config, "output_attentions", False):
@@ -165,6 +183,8 @@ def _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs) -> bo
         return False
     if inputs_embeds is not None and inputs_embeds.dtype == torch.float64 and inputs_embeds.device.type != "cpu":
         return False
+    if exact_padding and attention_mask is not None and not bool(attention_mask.bool().all()):
+        return False  # a question-answering head reads every padded position (see optimize)
     if (getattr(model, "pooler", None) is not None and attention_mask is not None
             and not bool(attention_mask[:, :1].all())):
         # HF's pooler reads position 0, which this batch pads (left padding): transformers

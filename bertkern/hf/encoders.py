@@ -31,11 +31,13 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bertkern.nn._contract import has_hooks, pure_torch
-from bertkern.nn._fused import call_dropout, call_linear, call_norm
+from bertkern.nn._contract import has_hooks, is_stock, pure_torch
+from bertkern.nn._fused import LINEARS, call_dropout, call_linear, call_norm
 from bertkern.ops.attention import attention_varlen
+from bertkern.ops.linear import linear
 
 __all__ = ["optimize", "restore", "is_optimized", "SUPPORTED"]
 
@@ -273,6 +275,14 @@ def _supported_name(model) -> str:
     raise TypeError(type(model).__name__)
 
 
+def _gelu_in_place(inter, h) -> bool:
+    """transformers' exact GELU after a stock dense, with no autograd to feed."""
+    act, dense = inter.intermediate_act_fn, inter.dense
+    return (not (torch.is_grad_enabled() and (h.requires_grad or dense.weight.requires_grad))
+            and type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
+            and not has_hooks(act) and is_stock(dense, *LINEARS) and dense.bias is not None and not pure_torch())
+
+
 def _layer(layer, x, cu_seqlens, max_seqlen):
     """One BERT layer on packed tokens x (T, H): post-LN, as transformers' BertLayer."""
     sa = layer.attention.self
@@ -282,12 +292,24 @@ def _layer(layer, x, cu_seqlens, max_seqlen):
     def split(t):
         return t.view(total, heads, head_dim)
 
-    q, k, v = split(call_linear(sa.query, x)), split(call_linear(sa.key, x)), split(call_linear(sa.value, x))
+    inference = not torch.is_grad_enabled() and not pure_torch()
+
+    def dense(m, t):
+        if inference and is_stock(m, *LINEARS) and m.bias is not None:
+            return linear(t, m.weight, None).add_(m.bias)  # no broadcast copy of the bias first
+        return call_linear(m, t)
+
+    q, k, v = split(dense(sa.query, x)), split(dense(sa.key, x)), split(dense(sa.value, x))
     p = sa.dropout.p if sa.training else 0.0
     a = attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, scale=sa.scaling).reshape(total, heads * head_dim)
     so = layer.attention.output
-    h = call_norm(so.LayerNorm, call_dropout(so.dropout, call_linear(so.dense, a)), residual=x)
+    h = call_norm(so.LayerNorm, call_dropout(so.dropout, dense(so.dense, a)), residual=x)
     inter = layer.intermediate
-    i = inter.intermediate_act_fn(call_linear(inter.dense, h))
+    if _gelu_in_place(inter, h):
+        # Inference: the GEMM output is ours alone, so bias and exact GELU are applied in place
+        # (no second (T, 4H) tensor: measured 3-8% of the whole MiniLM forward on CPU).
+        i = torch.ops.aten.gelu_(linear(h, inter.dense.weight, None).add_(inter.dense.bias))
+    else:
+        i = inter.intermediate_act_fn(call_linear(inter.dense, h))
     out = layer.output
-    return call_norm(out.LayerNorm, call_dropout(out.dropout, call_linear(out.dense, i)), residual=h)
+    return call_norm(out.LayerNorm, call_dropout(out.dropout, dense(out.dense, i)), residual=h)

@@ -514,11 +514,16 @@ def test_optimize_rejects_distilbert():
     assert "BertModel" in str(e.value)
 
 
-def test_optimize_rejects_decoder():
-    model = transformers.BertModel(make_config("bert", is_decoder=True))
-    with pytest.raises(ValueError, match="decoder"):
-        bertkern.hf.optimize(model)
-    assert not bertkern.hf.is_optimized(model) and "forward" not in model.__dict__
+def test_decoder_use_falls_back_to_transformers(varlen_calls):
+    """A stack configured as a decoder (causal, cache, cross-attention) always runs
+    transformers' forward: exact numbers, nothing fused."""
+    ref = transformers.BertModel(make_config("bert", is_decoder=True)).eval()
+    model = bertkern.hf.optimize(copy.deepcopy(ref))
+    ids = token_ids(ref.config, masks("right"))
+    mask = masks("right")
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state,
+                               ref(ids, attention_mask=mask).last_hidden_state, rtol=0, atol=0)
+    assert len(varlen_calls) == 0
 
 
 # ---- 5. sentence-transformers on the real all-MiniLM-L6-v2 -------------------------------------

@@ -8,8 +8,9 @@
 Supported encoder stacks (found anywhere inside the module): BERT (``BertModel``, under every
 ``BertFor*`` head; BERT-architecture checkpoints such as MiniLM), RoBERTa, XLM-RoBERTa,
 CamemBERT and ELECTRA (``ElectraModel``: the same embeddings and layer math, plus its optional
-``embeddings_project``). Not supported: DistilBERT (other module layout), decoder use
-(``is_decoder`` / cross-attention), other architectures: ``optimize`` raises naming these.
+``embeddings_project``). A stack configured as a decoder (``is_decoder`` / cross-attention)
+keeps transformers' forward for every call. Not supported: DistilBERT (other module layout),
+other architectures: ``optimize`` raises, naming what is supported.
 
 See bertkern/hf/encoders.py for what runs and when a call falls back to transformers' forward.
 """

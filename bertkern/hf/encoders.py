@@ -17,7 +17,8 @@ state_dict and ``save_pretrained`` are untouched; ``restore`` deletes it). The n
          embedding output and every layer's output, each with zeros at padded positions.
 
 A call falls back to transformers' own forward (the class's, never a wrong answer) for what is
-not fused here: a batch with padding under a question-answering head (its loss reads every
+not fused here: a model configured as a decoder (``is_decoder``, cross-attention), a batch
+with padding under a question-answering head (its loss reads every
 padded position), ``output_attentions``, ``head_mask``, cross-attention / cache / decoder
 arguments, positional arguments past ``inputs_embeds``, a 3-D / 4-D attention mask, a
 batch whose position 0 is padding in a model with a pooler (left padding: HF pools the value
@@ -65,9 +66,6 @@ def _supported_classes():
 def _check_config(model: nn.Module) -> None:
     config = model.config
     name = type(model).__name__
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise ValueError(f"bertkern.hf.optimize: {name} is configured as a decoder (is_decoder / add_cross_attention); "
-                         "bertkern runs bidirectional encoders only")
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"bertkern.hf.optimize: {name} uses position_embedding_type="
                          f"{config.position_embedding_type!r}; bertkern supports 'absolute' only")
@@ -173,8 +171,9 @@ def _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs, exact
         if allowed != "any" and not any(value is a for a in (allowed if isinstance(allowed, tuple) else (allowed,))):
             return False
     config = model.config
-    if getattr(config, "output_attentions", False):
-        return False
+    if getattr(config, "output_attentions", False) or getattr(config, "is_decoder", False) \
+            or getattr(config, "add_cross_attention", False):
+        return False  # decoder use (causal, cache, cross-attention): transformers' forward
     hidden = kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False))
     if hidden is not None and not isinstance(hidden, bool):
         return False  # layer indices: transformers selects them

@@ -229,8 +229,7 @@ class EncoderLayer(nn.Module):
             layer_norm_eps=self.norm1.eps, batch_first=attn.batch_first, norm_first=self.norm_first,
             bias=attn.in_proj_bias is not None, device="meta", dtype=ref.dtype)
         kept = _carry_submodules(new, self)
-        if type(attn) is not MultiheadAttention or not is_stock(attn.out_proj, _OUT_PROJ) or \
-                attn._forward_hooks or attn._forward_pre_hooks:
+        if not is_stock(attn, MultiheadAttention) or not is_stock(attn.out_proj, _OUT_PROJ):
             new.self_attn = copy.deepcopy(attn)
             kept.add("self_attn")
         new.self_attn.dropout = attn.dropout
@@ -394,7 +393,7 @@ class Encoder(nn.Module):
         ``nn.LayerNorm``."""
         layers = [l.to_torch() if isinstance(l, EncoderLayer) else copy.deepcopy(l) for l in self.layers]
         norm = self.norm
-        if type(norm) is LayerNorm and is_stock(norm, LayerNorm):
+        if is_stock(norm, LayerNorm):
             plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
                                  bias=norm.bias is not None, device="meta")
             _load_copies(plain, norm, set())

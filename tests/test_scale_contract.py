@@ -156,6 +156,10 @@ def _fsdp_worker(rank, world, init_file, state, final_norm, variant, src, kpm, w
         if rank == 0:
             torch.save({"grads": grads, "losses": losses, "params": params, "sharded": sharded},
                        os.path.join(out_dir, "result.pt"))
+        # Both ranks reach teardown together: a rank that destroys its gloo group while the
+        # other still talks to it can abort the other process ("terminate called without an
+        # active exception", seen once in CI under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

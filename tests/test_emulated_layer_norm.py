@@ -125,8 +125,9 @@ def test_misaligned_pointers_take_the_scalar_path(ops, dtype):
 
 
 def test_rows_far_from_zero(ops):
-    # Rows with mean 1000 and spread 1: the Welford merge keeps the variance (a float32
-    # sum / sum-of-squares formula is ~6% off in rstd here). Against a float64 reference; the
+    # Rows with mean 1000 and spread 1: the variance from (z - mean) in registers (the loop
+    # path: a Welford merge) keeps it (a float32 sum / sum-of-squares formula is ~6% off in
+    # rstd here). Against a float64 reference; the
     # remaining y error is float32 rounding of z - mean, as in torch's own float32 layer_norm.
     x, _, w, b, _, _ = make_inputs((4, 768), torch.float32, False, True, True, False, seed=2,
                                    offset=1000.0)
@@ -138,23 +139,92 @@ def test_rows_far_from_zero(ops):
 
 
 def test_grid_stride_over_rows(ops):
-    # With the grid capped at 3 blocks, each block normalizes several rows and reuses its
-    # shared scratch arrays, as M > 65536 does on the GPU. Rows are independent and each is
-    # reduced in a fixed order, so the results are bitwise those of one block per row.
+    # With the grid capped at 1 block, the block normalizes several groups of rows and reuses its
+    # shared scratch arrays, as a large M does on the GPU. Rows are independent and each is
+    # reduced in a fixed order, so y, the statistics and dz are bitwise those of the full grid;
+    # dweight / dbias are summed over other partial rows (another fixed order): close, not equal.
     x, res, w, b, dy, dres = make_inputs((10, 200), torch.float32, True, True, True, True, seed=5)
     full = check_fwd_bwd(ops, x, res, w, b, dy, dres, True)
-    previous = ops._set_row_block_cap(3)
+    previous = ops._set_row_block_cap(1)
     try:
         capped = check_fwd_bwd(ops, x, res, w, b, dy, dres, True)
+        assert ops._layer_norm_last_plan(False)[4:6] == [4, 1]  # 3 groups of 4 rows, one block
+        assert ops._layer_norm_last_plan(True)[4:6] == [8, 1]  # 2 groups of 8 rows
     finally:
         ops._set_row_block_cap(previous)
-    for a, c in zip(full[0] + full[1], capped[0] + capped[1]):
+    for a, c in zip(full[0] + full[1][:1], capped[0] + capped[1][:1]):
         assert torch.equal(a, c)
+    for a, c in zip(full[1][1:], capped[1][1:]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+# Shape classes of the launch plans (csrc/cuda/layer_norm_launch.cuh), as
+# (dtype, M, N, misaligned, row block cap) -> expected forward and backward plans
+# [registers, vec, iters, threads_x, rows_y] (plus the block count where it matters).
+SHAPE_CLASSES = {
+    # several rows a block (a warp, or 64 threads, a row), the last group of rows partly empty
+    "rows_fp16_768": (torch.float16, 13, 768, False, 0, [1, 8, 3, 32, 4], [1, 8, 2, 64, 4]),
+    "rows_fp32_768": (torch.float32, 9, 768, False, 0, [1, 4, 6, 32, 4], [1, 4, 3, 64, 4]),
+    "rows_fp16_768_strided": (torch.float16, 11, 768, False, 1, [1, 8, 3, 32, 4], [1, 8, 2, 64, 4]),
+    # N % VEC != 0: unvectorized register path (64 threads a row; bwd a block per row)
+    "odd_n_bf16_1023": (torch.bfloat16, 3, 1023, False, 0, [1, 1, 16, 64, 2], [1, 1, 8, 128, 1]),
+    "small_odd_n_fp32_7": (torch.float32, 11, 7, False, 0, [1, 1, 1, 32, 4], [1, 1, 1, 32, 8]),
+    # a block per row; N not a multiple of threads * VEC (idle packs in the last iteration)
+    "block_row_fp16_3000": (torch.float16, 3, 3000, False, 0, [1, 8, 3, 128, 1], [1, 8, 2, 192, 1]),
+    "block_row_fp32_2000_strided": (torch.float32, 7, 2000, False, 2, [1, 4, 4, 128, 1], [1, 4, 4, 128, 1]),
+    "block_row_fp32_1030": (torch.float32, 2, 1030, False, 0, [1, 1, 16, 96, 1], [1, 1, 8, 160, 1]),
+    "block_row_misaligned_fp16_4096": (torch.float16, 2, 4096, True, 0, [1, 1, 16, 256, 1], [1, 1, 8, 512, 1]),
+    # the loop path: rows longer than the registers of 512 threads hold
+    "loop_bwd_fp32_12000": (torch.float32, 2, 12000, False, 0, [1, 4, 8, 384, 1], [0, 4, 0, 512, 1]),
+    "loop_fp16_32776": (torch.float16, 2, 32776, False, 0, [0, 8, 0, 512, 1], [0, 8, 0, 512, 1]),
+    "loop_fp32_16385": (torch.float32, 2, 16385, False, 0, [0, 1, 0, 512, 1], [0, 1, 0, 512, 1]),
+}
+
+
+def misaligned(t):
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("name", list(SHAPE_CLASSES))
+def test_shape_classes(ops, name):
+    dtype, m, n, misalign, cap, fwd_plan, bwd_plan = SHAPE_CLASSES[name]
+    x, res, w, b, dy, dres = make_inputs((m, n), dtype, True, True, True, True, seed=m + n)
+    if misalign:
+        x, res, w, b, dy, dres = map(misaligned, (x, res, w, b, dy, dres))
+    previous = ops._set_row_block_cap(cap)
+    try:
+        check_fwd_bwd(ops, x, res, w, b, dy, dres, True)
+        assert ops._layer_norm_last_plan(False)[:5] == fwd_plan
+        assert ops._layer_norm_last_plan(True)[:5] == bwd_plan
+    finally:
+        ops._set_row_block_cap(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dweight_dbias_over_many_partial_rows(ops, dtype):
+    # M = 2000, N = 40: 250 blocks of 8 warps, each writing a partial row of dweight / dbias
+    # that the reduce kernel sums in a fixed order; then with 7 blocks striding over the rows
+    # (each warp summing ~36 rows in registers before the in-block fold).
+    x, res, w, b, dy, dres = make_inputs((2000, 40), dtype, False, True, True, False, seed=21)
+    check_fwd_bwd(ops, x, res, w, b, dy, dres, False)
+    plan = ops._layer_norm_last_plan(True)
+    assert plan[:7] == [1, 8 if dtype != torch.float32 else 4, 1, 32, 8, 250, 250]
+    assert plan[7] == 2  # the row kernel and the partial-row reduction: no zero-fill launches
+    previous = ops._set_row_block_cap(7)
+    try:
+        check_fwd_bwd(ops, x, res, w, b, dy, dres, False)
+        assert ops._layer_norm_last_plan(True)[5:7] == [7, 7]
+    finally:
+        ops._set_row_block_cap(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_dweight_dbias_over_several_row_chunks(ops, dtype):
-    # M = 300, N = 40: layer_norm_dwdb_plan splits the rows into 10 chunks of 32.
+    # M = 300, N = 40: 38 blocks (8 rows each) write partial rows of dweight / dbias.
     x, res, w, b, dy, dres = make_inputs((300, 40), dtype, False, True, True, False, seed=9)
     check_fwd_bwd(ops, x, res, w, b, dy, dres, False)
 
@@ -186,10 +256,12 @@ def test_zero_columns(ops):
     assert dz.shape == (3, 0) and dw.shape == (0,) and db.shape == (0,)
 
 
+@pytest.mark.parametrize("shape", [(200, 96), (3000, 40), (40, 2000)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_deterministic(ops, dtype):
-    # Thread scheduling differs from run to run; every sum has a fixed order, so the bits don't.
-    x, res, w, b, dy, dres = make_inputs((200, 96), dtype, True, True, True, True, seed=17)
+def test_deterministic(ops, dtype, shape):
+    # Thread scheduling differs from run to run; every sum has a fixed order (the partial rows
+    # of dweight / dbias belong to fixed blocks, reduced in block order), so the bits don't.
+    x, res, w, b, dy, dres = make_inputs(shape, dtype, True, True, True, True, seed=17)
     fwd1 = ops.layer_norm_fwd(x, res, w, b, EPS, True)
     fwd2 = ops.layer_norm_fwd(x, res, w, b, EPS, True)
     for a, c in zip(fwd1, fwd2):
@@ -197,6 +269,7 @@ def test_deterministic(ops, dtype):
     _, z, mean, rstd = fwd1
     bwd1 = ops.layer_norm_bwd(dy, dres, z, mean, rstd, w, True)
     bwd2 = ops.layer_norm_bwd(dy, dres, z, mean, rstd, w, True)
+    assert ops._layer_norm_last_plan(True)[6] > 1  # several partial rows
     for a, c in zip(bwd1, bwd2):
         assert torch.equal(a, c)
 
@@ -247,7 +320,7 @@ def test_tsan_layer_norm_kernels_clean(tsan_binaries):
     lines = out.splitlines()
     assert lines[-1] == "PASSED: 0 failure(s)", out
     assert not any(line.startswith("FAIL") for line in lines), out
-    assert sum(line.startswith("ok ") for line in lines) >= 16, out
+    assert sum(line.startswith("ok ") for line in lines) >= 25, out
 
 
 def test_tsan_planted_race_clean_with_barriers(tsan_binaries):

@@ -18,5 +18,20 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// p + 0, with the 0 hidden from the optimizer: loads through the result are not hoisted out of
+// a loop as loop-invariant (which would keep a row's worth of weight / bias live in registers
+// across the row loop), while the pointer still derives from the kernel argument (so nvcc
+// keeps global loads, LDG, rather than generic ones). The host emulation has nothing to hide.
+template <typename T>
+__device__ __forceinline__ const T* opaque(const T* p) {
+#if defined(__CUDA_ARCH__)
+  int zero = 0;
+  asm volatile("mov.b32 %0, %0;" : "+r"(zero));
+  return p + zero;
+#else
+  return p;
+#endif
+}
+
 }  // namespace cuda
 }  // namespace bertkern

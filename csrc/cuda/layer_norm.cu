@@ -1,5 +1,6 @@
-// CUDA launchers for the fused (residual +) LayerNorm: argument checks, launch shapes, the
-// current stream. Kernels live in layer_norm.cuh.
+// CUDA launchers for the fused (residual +) LayerNorm: argument checks, output allocation, the
+// current stream. Launch plans live in layer_norm_launch.cuh (shared with the host emulation),
+// kernels in layer_norm.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -11,7 +12,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/layer_norm.cuh"
+#include "cuda/layer_norm_launch.cuh"
+#include "cuda/stream_launch.cuh"
 #include "layer_norm_common.h"
 
 namespace bertkern {
@@ -80,22 +82,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     scalar_t* z = residual_out.numel() ? residual_out.data_ptr<scalar_t>() : nullptr;
     const bool all_aligned = aligned16(x.data_ptr()) && aligned16(y.data_ptr()) && aligned16(r) &&
                              aligned16(w) && aligned16(b) && aligned16(z);
-    const int vec = layer_norm_vec(N, sizeof(scalar_t), all_aligned);
-    const dim3 grid(static_cast<unsigned>(layer_norm_row_blocks(M)));
-    const dim3 block(layer_norm_threads(N / vec));
-    auto launch = [&](auto vec_constant) {
-      constexpr int VEC = decltype(vec_constant)::value;
-      layer_norm_fwd_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
-          x.data_ptr<scalar_t>(), r, w, b, y.data_ptr<scalar_t>(), z, mean.data_ptr<float>(),
-          rstd.data_ptr<float>(), M, N, static_cast<float>(eps));
-    };
-    if (vec == 1) {
-      launch(std::integral_constant<int, 1>{});
-    } else {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    }
+    const LayerNormPlan plan = layer_norm_fwd_plan(M, N, sizeof(scalar_t), all_aligned);
+    layer_norm_fwd_launch<scalar_t>(StreamLauncher{stream}, plan, x.data_ptr<scalar_t>(), r, w, b,
+                                    y.data_ptr<scalar_t>(), z, mean.data_ptr<float>(),
+                                    rstd.data_ptr<float>(), M, N, static_cast<float>(eps));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, residual_out, mean, rstd};
 }
 
@@ -116,8 +107,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   const int64_t N = z.size(-1);
   const int64_t M = N > 0 ? z.numel() / N : 0;
   at::Tensor dz = at::empty_like(z);
-  at::Tensor dweight = weight ? at::zeros({N}, z.options()) : at::empty({0}, z.options());
-  at::Tensor dbias = has_bias ? at::zeros({N}, z.options()) : at::empty({0}, z.options());
+  // Every column of dweight / dbias is written by the kernels: no zero-fill, except for the
+  // sums over no rows (M == 0), which launch nothing.
+  at::Tensor dweight = at::empty({weight ? N : 0}, z.options());
+  at::Tensor dbias = at::empty({has_bias ? N : 0}, z.options());
+  if (M == 0) {
+    dweight.zero_();
+    dbias.zero_();
+  }
   if (M == 0 || N == 0) return {dz, dweight, dbias};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -126,38 +123,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     const scalar_t* dr = ptr_or_null<scalar_t>(dresidual);
     const bool all_aligned = aligned16(dy.data_ptr()) && aligned16(z.data_ptr()) &&
                              aligned16(dz.data_ptr()) && aligned16(w) && aligned16(dr);
-    const int vec = layer_norm_vec(N, sizeof(scalar_t), all_aligned);
-    const dim3 grid(static_cast<unsigned>(layer_norm_row_blocks(M)));
-    const dim3 block(layer_norm_threads(N / vec));
-    auto launch = [&](auto vec_constant) {
-      constexpr int VEC = decltype(vec_constant)::value;
-      layer_norm_bwd_dz_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
-          dy.data_ptr<scalar_t>(), dr, z.data_ptr<scalar_t>(), mean.data_ptr<float>(),
-          rstd.data_ptr<float>(), w, dz.data_ptr<scalar_t>(), M, N);
-    };
-    if (vec == 1) {
-      launch(std::integral_constant<int, 1>{});
-    } else {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    if (weight || has_bias) {
-      const DwDbPlan plan = layer_norm_dwdb_plan(M, N);
-      at::Tensor partial = at::empty({2, plan.n_chunks, N}, z.options().dtype(at::kFloat));
-      layer_norm_bwd_dwdb_partial_kernel<scalar_t>
-          <<<dim3(plan.col_tiles, plan.n_chunks), dim3(kColTile, kRowThreads), 0, stream>>>(
-              dy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), mean.data_ptr<float>(),
-              rstd.data_ptr<float>(), partial[0].data_ptr<float>(), partial[1].data_ptr<float>(),
-              M, N, plan.rows_per_chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      layer_norm_bwd_dwdb_final_kernel<scalar_t>
-          <<<dim3((N + kFinalThreads - 1) / kFinalThreads), dim3(kFinalThreads), 0, stream>>>(
-              partial[0].data_ptr<float>(), partial[1].data_ptr<float>(),
-              weight ? dweight.data_ptr<scalar_t>() : nullptr,
-              has_bias ? dbias.data_ptr<scalar_t>() : nullptr, plan.n_chunks, N);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    const LayerNormPlan plan =
+        layer_norm_bwd_plan(M, N, sizeof(scalar_t), all_aligned, weight.has_value() || has_bias);
+    at::Tensor workspace = at::empty({plan.workspace_floats}, z.options().dtype(at::kFloat));
+    layer_norm_bwd_launch<scalar_t>(
+        StreamLauncher{stream}, plan, plan.workspace_floats ? workspace.data_ptr<float>() : nullptr,
+        dy.data_ptr<scalar_t>(), dr, z.data_ptr<scalar_t>(), mean.data_ptr<float>(),
+        rstd.data_ptr<float>(), w, dz.data_ptr<scalar_t>(),
+        weight ? dweight.data_ptr<scalar_t>() : nullptr,
+        has_bias ? dbias.data_ptr<scalar_t>() : nullptr, M, N);
   });
   return {dz, dweight, dbias};
 }

@@ -1,4 +1,17 @@
-// Fused (residual +) LayerNorm: CUDA device code only (no ATen, no launches).
+// Fused (residual +) LayerNorm: CUDA device code only (no ATen, no launches). The launch plans
+// (which kernel for which shape) are in layer_norm_launch.cuh.
+//
+// Two families of kernels:
+//   register path (layer_norm_fwd_reg_kernel, layer_norm_bwd_reg_kernel): a row is held in
+//     registers, ITERS packs of VEC elements per thread (compile-time, fully unrolled 16-byte
+//     loads), so HBM is read once; blockDim.x threads per row and blockDim.y rows per block
+//     (32 or 64 threads a row with several rows a block, or one row a block). The backward
+//     also sums dweight / dbias per thread over the rows its block owns and writes one float
+//     partial row per block, reduced in a fixed order by layer_norm_bwd_partials_reduce_kernel
+//     (deterministic, no atomics, no zero-fill).
+//   loop path (layer_norm_fwd_kernel, layer_norm_bwd_dz_kernel,
+//     layer_norm_bwd_dwdb_partial_kernel, layer_norm_bwd_dwdb_final_kernel): any row length,
+//     a block per row looping over it; only for rows longer than the register path holds.
 //
 // The same source is compiled by nvcc (csrc/cuda/layer_norm.cu) and by g++ against the host
 // emulation of the CUDA execution model (tests/emulation/), so it keeps to that subset:
@@ -17,52 +30,15 @@ namespace bertkern {
 namespace cuda {
 
 
-// ---- Launch shapes, shared by the launcher (layer_norm.cu) and the host emulation ----------
-
-// Elements per 16-byte access when the row length and every pointer allow it, else 1.
-inline int layer_norm_vec(int64_t N, int elem_size, bool all_pointers_16b_aligned) {
-  const int vec = 16 / elem_size;
-  return (all_pointers_16b_aligned && N % vec == 0) ? vec : 1;
-}
-
-// Threads per row for a row of n_packs vector packs: enough to give each thread a couple of
-// packs, a whole number of warps, at most 512 (two blocks fit an SM at high register counts).
-inline int layer_norm_threads(int64_t n_packs) {
-  int64_t threads = (n_packs + 1) / 2;
-  threads = ((threads + kWarpSize - 1) / kWarpSize) * kWarpSize;
-  if (threads < kWarpSize) threads = kWarpSize;
-  if (threads > 512) threads = 512;
-  return static_cast<int>(threads);
-}
-
-// Row kernels stride over rows; this many blocks keep every SM of an H100 busy many times over.
-constexpr int64_t kMaxRowBlocks = 65536;
-inline int64_t layer_norm_row_blocks(int64_t M) { return M < kMaxRowBlocks ? M : kMaxRowBlocks; }
-
-// dweight/dbias stage 1 grid: column tiles x row chunks, aiming at ~1024 blocks in all, with
-// each chunk a whole number of kRowThreads rows (at least 4 per thread).
+// Tile of the loop-path dweight/dbias kernel (layer_norm_bwd_dwdb_partial_kernel) and of the
+// partial-row reduction (layer_norm_bwd_partials_reduce_kernel): kColTile columns x kRowThreads.
 constexpr int kColTile = 32;
 constexpr int kRowThreads = 8;
-struct DwDbPlan {
-  int64_t col_tiles;
-  int64_t n_chunks;
-  int64_t rows_per_chunk;
-};
-inline DwDbPlan layer_norm_dwdb_plan(int64_t M, int64_t N) {
-  DwDbPlan plan;
-  plan.col_tiles = (N + kColTile - 1) / kColTile;
-  int64_t chunks = 1024 / (plan.col_tiles > 0 ? plan.col_tiles : 1);
-  const int64_t max_chunks = (M + 4 * kRowThreads - 1) / (4 * kRowThreads);
-  if (chunks > max_chunks) chunks = max_chunks;
-  if (chunks < 1) chunks = 1;
-  if (chunks > 65535) chunks = 65535;  // gridDim.y limit
-  int64_t rows = (M + chunks - 1) / chunks;
-  rows = ((rows + kRowThreads - 1) / kRowThreads) * kRowThreads;
-  plan.rows_per_chunk = rows > 0 ? rows : kRowThreads;
-  plan.n_chunks = M > 0 ? (M + plan.rows_per_chunk - 1) / plan.rows_per_chunk : 1;
-  return plan;
-}
-constexpr int kFinalThreads = 256;  // stage 2: one thread per column
+
+// Register path: at most this many threads per block (__launch_bounds__: <= 128 registers),
+// and at most kMaxMultiRowThreads threads per row when a block holds several rows.
+constexpr int kMaxRegRowThreads = 512;
+constexpr int kMaxMultiRowThreads = 64;
 
 // ---- Device code -------------------------------------------------------------------------
 
@@ -147,6 +123,8 @@ __device__ __forceinline__ float2 block_reduce_sum(float2 v) {
   return block_sum;
 }
 
+// ---- Loop path (rows too long to hold in registers) ---------------------------------------
+//
 // Forward: one block per row (grid-stride over rows).
 //   z = x + residual (rounded to T, as the unfused `x + residual` would be), stored to
 //   residual_out when it is non-null; y = (z - mean) * rstd * weight + bias.
@@ -339,6 +317,339 @@ __global__ void layer_norm_bwd_dwdb_final_kernel(const float* __restrict__ parti
   }
   if (dweight) dweight[col] = static_cast<T>(dw);
   if (dbias) dbias[col] = static_cast<T>(db);
+}
+
+// ---- Register path -----------------------------------------------------------------------
+
+// Sum of v over the threads of one row, in a fixed order (identical in every thread of the
+// row). blockDim.x == 32: a warp per row, shuffles only. blockDim.x > 32: several warps per row
+// (blockDim.y rows of blockDim.x threads) and every thread of the block must call this
+// (block-uniform, inactive rows too): warp sums go to scratch[warp] (kMaxWarps entries), one
+// barrier, and every thread adds its row's warp sums in warp order. The caller alternates
+// between two scratch arrays from one call to the next: a thread may write the next call's
+// scratch while others still read this one's, but it cannot write this one again before
+// everybody has passed the next call's barrier, which follows their reads.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float2 warp_sum(float2 v) { return warp_reduce_sum(v); }
+
+__device__ __forceinline__ void add_to(float& a, float b) { a += b; }
+__device__ __forceinline__ void add_to(float2& a, float2 b) {
+  a.x += b.x;
+  a.y += b.y;
+}
+
+template <typename V>
+__device__ __forceinline__ V row_sum(V v, V* scratch) {
+  v = warp_sum(v);
+  if (blockDim.x > kWarpSize) {
+    const int warps_per_row = blockDim.x / kWarpSize;
+    V* row_scratch = scratch + threadIdx.y * warps_per_row;
+    if (threadIdx.x % kWarpSize == 0) row_scratch[threadIdx.x / kWarpSize] = v;
+    __syncthreads();
+    v = row_scratch[0];
+    for (int w = 1; w < warps_per_row; ++w) add_to(v, row_scratch[w]);
+  }
+  return v;
+}
+
+// Pack index of a thread's i-th pack: the packs of a row are dealt round-robin to its threads,
+// so a warp's loads of one i are consecutive 16-byte words. A row has at most
+// kMaxRowThreads * ITERS packs (int).
+__device__ __forceinline__ int reg_pack(int i) { return i * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x); }
+
+// Forward, register path. Each row: z = x (+ residual, rounded to T; stored to residual_out
+// when non-null) held in registers (as T); mean = sum(z) / N; var = sum((z - mean)^2) / N from
+// the registers (two passes over registers, no cancellation); y = (z - mean) * rstd * w + b.
+// Requires n_packs = N / VEC <= ITERS * blockDim.x, N % VEC == 0 and, when VEC > 1, every
+// pointer 16-byte aligned (the plan checks). Rows are grid-strided in groups of blockDim.y.
+template <typename T, int VEC, int ITERS>
+__global__ void __launch_bounds__(kMaxRegRowThreads, 1)
+    layer_norm_fwd_reg_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                              const T* __restrict__ weight, const T* __restrict__ bias,
+                              T* __restrict__ y, T* __restrict__ residual_out,
+                              float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t M,
+                              int64_t N, float eps) {
+  using P = Pack<T, VEC>;
+  __shared__ float scratch[2][kMaxWarps];
+  const int n_packs = static_cast<int>(N / VEC);
+  const float inv_n = 1.f / static_cast<float>(N);
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < M;
+       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool active = row < M;  // false only in the last group of rows
+    if (!active && blockDim.x == kWarpSize) continue;  // a whole warp, no block barrier
+    const int lim = active ? n_packs : 0;  // inactive rows of several warps: reductions only
+    const int64_t base = active ? row * N : 0;
+    const P* x_row = reinterpret_cast<const P*>(x + base);
+
+    P zv[ITERS];
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int p = reg_pack(i);
+      if (p < lim) zv[i] = x_row[p];
+    }
+    if (residual) {
+      // All loads first, then the math: ITERS independent 16-byte loads in flight per thread.
+      const P* r_row = reinterpret_cast<const P*>(residual + base);
+      P rv[ITERS];
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i) {
+        const int p = reg_pack(i);
+        if (p < lim) rv[i] = r_row[p];
+      }
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i) {
+        if (reg_pack(i) < lim) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            zv[i].v[j] = static_cast<T>(static_cast<float>(zv[i].v[j]) + static_cast<float>(rv[i].v[j]));
+        }
+      }
+      if (residual_out) {
+        P* z_row = reinterpret_cast<P*>(residual_out + base);
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+          const int p = reg_pack(i);
+          if (p < lim) z_row[p] = zv[i];
+        }
+      }
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      if (reg_pack(i) < lim) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum += static_cast<float>(zv[i].v[j]);
+      }
+    }
+    const float mean = row_sum(sum, scratch[0]) * inv_n;
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      if (reg_pack(i) < lim) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float d = static_cast<float>(zv[i].v[j]) - mean;
+          sq += d * d;
+        }
+      }
+    }
+    const float rstd = rsqrtf(row_sum(sq, scratch[1]) * inv_n + eps);
+    if (active && threadIdx.x == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+    const P* w_vec = reinterpret_cast<const P*>(opaque(weight));
+    const P* b_vec = reinterpret_cast<const P*>(opaque(bias));
+    // weight / bias are L1 / L2 hits, loaded pack by pack (prefetching them all would double
+    // the registers of a row).
+    P* y_row = reinterpret_cast<P*>(y + base);
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int p = reg_pack(i);
+      if (p < lim) {
+        P wv, bv, out;
+        if (weight) wv = w_vec[p];
+        if (bias) bv = b_vec[p];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          float o = (static_cast<float>(zv[i].v[j]) - mean) * rstd;
+          if (weight) o *= static_cast<float>(wv.v[j]);
+          if (bias) o += static_cast<float>(bv.v[j]);
+          out.v[j] = static_cast<T>(o);
+        }
+        y_row[p] = out;
+      }
+    }
+  }
+}
+
+// Backward, register path, one pass over dy and z (and dresidual_out):
+//   g = dy * weight, xhat = (z - mean) * rstd,
+//   dz = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dresidual_out),
+// and, when partial_dw is non-null, per-thread sums of dy * xhat and dy over the rows the block
+// owns (rows blockIdx.x * blockDim.y + threadIdx.y, strided by gridDim.x * blockDim.y: a
+// fixed set for a fixed grid). At the end the blockDim.y rows of threads of a block fold
+// their sums in shared memory in row order, and the block writes partial row blockIdx.x of
+// partial_dw / partial_db ((gridDim.x, N) float each; every column written, no zero-fill).
+// Same shape requirements as the forward. Registers per thread: dy (as T), xhat and the two
+// sums (float); weight is re-read per row and pass (L1 hits).
+template <typename T, int VEC, int ITERS>
+__global__ void __launch_bounds__(kMaxRegRowThreads, 1)
+    layer_norm_bwd_reg_kernel(const T* __restrict__ dy, const T* __restrict__ dresidual_out,
+                              const T* __restrict__ z, const float* __restrict__ mean_in,
+                              const float* __restrict__ rstd_in, const T* __restrict__ weight,
+                              T* __restrict__ dz, float* __restrict__ partial_dw,
+                              float* __restrict__ partial_db, int64_t M, int64_t N) {
+  using P = Pack<T, VEC>;
+  constexpr int kCols = ITERS * VEC * kMaxMultiRowThreads;  // columns of one row's threads
+  __shared__ float2 scratch[2][kMaxWarps];
+  __shared__ float fold_dw[kCols];
+  __shared__ float fold_db[kCols];
+  const int n_packs = static_cast<int>(N / VEC);
+  const float inv_n = 1.f / static_cast<float>(N);
+  float acc_dw[ITERS][VEC], acc_db[ITERS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc_dw[i][j] = acc_db[i][j] = 0.f;
+  }
+  int parity = 0;
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < M;
+       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool active = row < M;  // false only in the last group of rows
+    if (!active && blockDim.x == kWarpSize) continue;  // a whole warp, no block barrier
+    const int lim = active ? n_packs : 0;  // inactive rows of several warps: reductions only
+    const int64_t base = active ? row * N : 0;
+    const P* dy_row = reinterpret_cast<const P*>(dy + base);
+    const P* z_row = reinterpret_cast<const P*>(z + base);
+    P dyv[ITERS], zv[ITERS];
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int p = reg_pack(i);
+      if (p < lim) {
+        dyv[i] = dy_row[p];
+        zv[i] = z_row[p];
+      }
+    }
+    const float mean = active ? mean_in[row] : 0.f;
+    const float rstd = active ? rstd_in[row] : 0.f;
+    const P* w_vec = reinterpret_cast<const P*>(opaque(weight));
+    float xhat[ITERS][VEC];
+    float2 sums = make_float2(0.f, 0.f);  // (sum g, sum g * xhat)
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int p = reg_pack(i);
+      if (p < lim) {
+        P wv;
+        if (weight) wv = w_vec[p];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float d = static_cast<float>(dyv[i].v[j]);
+          xhat[i][j] = (static_cast<float>(zv[i].v[j]) - mean) * rstd;
+          const float g = weight ? d * static_cast<float>(wv.v[j]) : d;
+          sums.x += g;
+          sums.y += g * xhat[i][j];
+          acc_dw[i][j] += d * xhat[i][j];
+          acc_db[i][j] += d;
+        }
+      }
+    }
+    sums = row_sum(sums, scratch[parity]);
+    parity ^= 1;
+    const float mean_g = sums.x * inv_n;
+    const float mean_gx = sums.y * inv_n;
+    const P* w_vec2 = reinterpret_cast<const P*>(opaque(weight));
+    const P* dr_row = dresidual_out ? reinterpret_cast<const P*>(dresidual_out + base) : nullptr;
+    P* dz_row = reinterpret_cast<P*>(dz + base);
+    P drv[ITERS];  // all loads first: ITERS independent loads in flight
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int p = reg_pack(i);
+      if (dr_row && p < lim) drv[i] = dr_row[p];
+    }
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int p = reg_pack(i);
+      if (p < lim) {
+        P wv, out;
+        if (weight) wv = w_vec2[p];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float d = static_cast<float>(dyv[i].v[j]);
+          const float g = weight ? d * static_cast<float>(wv.v[j]) : d;
+          float o = rstd * (g - mean_g - xhat[i][j] * mean_gx);
+          if (dr_row) o += static_cast<float>(drv[i].v[j]);
+          out.v[j] = static_cast<T>(o);
+        }
+        dz_row[p] = out;
+      }
+    }
+  }
+  if (partial_dw == nullptr) return;  // kernel-uniform: no dweight / dbias wanted
+
+  // Blocks of several rows (blockDim.x <= kMaxMultiRowThreads): fold the sums of rows
+  // 1..blockDim.y-1 into row 0's threads, in row order.
+  if (blockDim.y > 1) {
+    for (unsigned s = 1; s < blockDim.y; ++s) {
+      if (threadIdx.y == s) {
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const int c = reg_pack(i) * VEC + j;
+            fold_dw[c] = acc_dw[i][j];
+            fold_db[c] = acc_db[i][j];
+          }
+        }
+      }
+      __syncthreads();
+      if (threadIdx.y == 0) {
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const int c = reg_pack(i) * VEC + j;
+            acc_dw[i][j] += fold_dw[c];
+            acc_db[i][j] += fold_db[c];
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (threadIdx.y != 0) return;
+  }
+  float* out_dw = partial_dw + static_cast<int64_t>(blockIdx.x) * N;
+  float* out_db = partial_db + static_cast<int64_t>(blockIdx.x) * N;
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int p = reg_pack(i);
+    if (p < n_packs) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        out_dw[p * VEC + j] = acc_dw[i][j];
+        out_db[p * VEC + j] = acc_db[i][j];
+      }
+    }
+  }
+}
+
+// dweight / dbias from n_partials float partial rows ((n_partials, N) each), deterministically:
+// block (kColTile, kRowThreads), grid ceil(N / kColTile). Thread (c, r) sums partial rows
+// r, r + kRowThreads, ... of column c in order; thread (c, 0) then adds the kRowThreads sums in
+// order. Either output may be null.
+template <typename T>
+__global__ void layer_norm_bwd_partials_reduce_kernel(const float* __restrict__ partial_dw,
+                                                      const float* __restrict__ partial_db,
+                                                      T* __restrict__ dweight, T* __restrict__ dbias,
+                                                      int64_t n_partials, int64_t N) {
+  __shared__ float tile_dw[kRowThreads][kColTile];
+  __shared__ float tile_db[kRowThreads][kColTile];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
+  float dw = 0.f, db = 0.f;
+  if (col < N) {
+    for (int64_t r = threadIdx.y; r < n_partials; r += kRowThreads) {
+      dw += partial_dw[r * N + col];
+      db += partial_db[r * N + col];
+    }
+  }
+  tile_dw[threadIdx.y][threadIdx.x] = dw;
+  tile_db[threadIdx.y][threadIdx.x] = db;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < N) {
+    float sum_dw = 0.f, sum_db = 0.f;
+    for (int r = 0; r < kRowThreads; ++r) {
+      sum_dw += tile_dw[r][threadIdx.x];
+      sum_db += tile_db[r][threadIdx.x];
+    }
+    if (dweight) dweight[col] = static_cast<T>(sum_dw);
+    if (dbias) dbias[col] = static_cast<T>(sum_db);
+  }
 }
 
 }  // namespace cuda

@@ -5,8 +5,9 @@
 //   mask + cu_seqlens --indices--> indices (T,) int64: flat positions b*S+s of real tokens,
 //                                  in row-major order
 //   gather_rows:  dst[t, :] = src[indices[t], :]      (unpad; backward of pad)
-//   scatter_rows: dst[indices[t], :] = src[t, :]      (pad into zeros; backward of unpad)
+//   scatter_rows: dst[indices[t], :] = src[t, :], zeros elsewhere (pad; backward of unpad)
 //
+// Launch plans (shared by padding.cu and the host emulation) are in padding_launch.cuh.
 // Compiled by nvcc (padding.cu) and by g++ against the host emulation (tests/emulation/), so it
 // keeps to that subset (see layer_norm.cuh). Row copies are dtype-agnostic: T is an unsigned
 // integer of the element's size, moved VEC at a time (16 bytes when alignment allows).
@@ -35,48 +36,6 @@
 
 namespace bertkern {
 namespace cuda {
-
-// ---- Launch shapes, shared by the launcher (padding.cu) and the host emulation ------------
-
-// Threads for one sequence of the mask scans: whole warps, at most 512.
-inline int mask_scan_threads(int64_t S) {
-  int64_t t = ((S + kWarpSize - 1) / kWarpSize) * kWarpSize;
-  if (t < kWarpSize) t = kWarpSize;
-  if (t > 512) t = 512;
-  return static_cast<int>(t);
-}
-
-constexpr int kCuSeqlensThreads = 1024;  // one block scans all B lengths
-
-// Bytes per access of a row copy: the widest of 16 (a 4 x uint32 pack), 4, 2, 1 that divides
-// both base addresses and the row size, so every row of both tensors stays aligned to it
-// (a half tensor at an odd element offset is only 2-byte aligned).
-inline int row_copy_unit(uintptr_t src, uintptr_t dst, int64_t row_bytes) {
-  const uint64_t bits = static_cast<uint64_t>(src) | static_cast<uint64_t>(dst) | static_cast<uint64_t>(row_bytes);
-  if (bits % 16 == 0) return 16;
-  if (bits % 4 == 0) return 4;
-  if (bits % 2 == 0) return 2;
-  return 1;
-}
-
-// Row copies: block (threads_x over packs of one row, rows_y rows), 256 threads in all.
-struct RowCopyPlan {
-  int threads_x;
-  int rows_y;
-  int64_t blocks;
-};
-inline RowCopyPlan row_copy_plan(int64_t n_rows, int64_t n_packs) {
-  RowCopyPlan plan;
-  int64_t tx = ((n_packs + kWarpSize - 1) / kWarpSize) * kWarpSize;
-  if (tx < kWarpSize) tx = kWarpSize;
-  if (tx > 256) tx = 256;
-  plan.threads_x = static_cast<int>(tx);
-  plan.rows_y = static_cast<int>(256 / tx);
-  int64_t blocks = (n_rows + plan.rows_y - 1) / plan.rows_y;
-  if (blocks > 65536) blocks = 65536;  // grid-stride beyond
-  plan.blocks = blocks > 0 ? blocks : 1;
-  return plan;
-}
 
 // ---- Block-wide integer reductions and scans ---------------------------------------------
 
@@ -200,18 +159,48 @@ __global__ void gather_rows_kernel(const T* __restrict__ src, const int64_t* __r
   }
 }
 
-// dst[indices[t], :] = src[t, :] for t < n_in; dst (n_dst rows) is zero-filled beforehand.
-template <typename T, int VEC>
-__global__ void scatter_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ indices,
-                                    T* __restrict__ dst, int64_t n_in, int64_t n_dst, int64_t n_packs) {
-  using P = Pack<T, VEC>;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; t < n_in;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+// scatter_rows, without a zero-fill pass over the output: three launches,
+//   inverse[r] = -1 for r < n_dst                     (fill_inverse_kernel, 8 bytes a row)
+//   inverse[indices[t]] = t for t < n_in              (invert_indices_kernel, range-checked)
+//   dst[r, :] = inverse[r] >= 0 ? src[inverse[r], :] : 0   (pad_rows_kernel)
+// so every output byte is written once, with either its row or zeros. Indices are unique (as
+// from mask_to_indices); with duplicates a row gets one of its sources, whole.
+template <typename IndexT>
+__global__ void fill_inverse_kernel(IndexT* __restrict__ inverse, int64_t n_dst) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n_dst;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    inverse[r] = -1;
+}
+
+template <typename IndexT>
+__global__ void invert_indices_kernel(const IndexT* __restrict__ indices, IndexT* __restrict__ inverse,
+                                      int64_t n_in, int64_t n_dst) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n_in;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = indices[t];
     BERTKERN_DEVICE_CHECK(i >= 0 && i < n_dst, "scatter_rows: index out of range");
-    const P* from = reinterpret_cast<const P*>(src) + t * n_packs;
-    P* to = reinterpret_cast<P*>(dst) + i * n_packs;
-    for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) to[p] = from[p];
+    inverse[i] = t;
+  }
+}
+
+// dst[r, :] = src[inverse[r], :] where inverse[r] >= 0, else zeros; r < n_dst. Block as the
+// row copies (threads_x over packs of one row, rows_y rows).
+template <typename T, int VEC>
+__global__ void pad_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ inverse,
+                                T* __restrict__ dst, int64_t n_dst, int64_t n_packs) {
+  using P = Pack<T, VEC>;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < n_dst;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t t = inverse[r];
+    P* to = reinterpret_cast<P*>(dst) + r * n_packs;
+    if (t >= 0) {
+      const P* from = reinterpret_cast<const P*>(src) + t * n_packs;
+      for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) to[p] = from[p];
+    } else {
+      P zero;
+      for (int j = 0; j < VEC; ++j) zero.v[j] = 0;
+      for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) to[p] = zero;
+    }
   }
 }
 

@@ -43,7 +43,8 @@
 // read whose value only some threads use, and TSan only sees the reads that remain.
 //
 // Supported subset of CUDA (anything else does not compile or is a fatal error):
-//   __global__, __device__, __host__, __forceinline__, __restrict__ (g++ knows it),
+//   __global__, __device__, __host__, __forceinline__, __launch_bounds__ (ignored), __restrict__
+//   (g++ knows it),
 //   static-size __shared__ variables declared inside device functions (no `extern __shared__`,
 //   no namespace-scope __shared__ / __device__ / __constant__ variables), #pragma unroll
 //   (ignored), threadIdx, blockIdx, blockDim, gridDim, warpSize, dim3, uint3, float2,
@@ -99,6 +100,7 @@
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __shared__ static
+#define __launch_bounds__(...)
 
 struct uint3 {
   unsigned x, y, z;

@@ -1,13 +1,18 @@
 // Test-only torch extension: the CUDA kernels of csrc/cuda/*.cuh, compiled with g++ against the
 // CUDA host emulation (cuda_host_emu.h), registered for CPU tensors under the bertkern_emu
 // namespace with the same schemas as the real ops (csrc/ops.cpp). Each op does what the real
-// CUDA launcher does (argument checks, output allocation, launch plan, special cases), on CPU
-// tensors through emu::launch. Built and loaded by tests/emulation/loader.py.
+// CUDA launcher (csrc/cuda/layer_norm.cu) does (argument checks, output allocation, special
+// cases) and runs the real launch plan (csrc/cuda/layer_norm_launch.cuh) on CPU tensors through
+// emu::launch. Built and loaded by tests/emulation/loader.py.
 //
-// Extra test hook (no counterpart in bertkern):
+// Extra test hooks (no counterpart in bertkern):
 //   bertkern_emu::_set_row_block_cap(int cap) -> int   caps the row kernels' grid at `cap`
-//   blocks (0: the real plan) and returns the previous cap, so a small M runs the grid-stride
-//   loop over rows that the GPU only takes for M > 65536.
+//     blocks (0: the real plan) and returns the previous cap, so a small M runs the grid-stride
+//     loop over rows that the GPU only takes for large M (and, in the backward, blocks that
+//     sum dweight / dbias over several rows).
+//   bertkern_emu::_layer_norm_last_plan(bool backward) -> int[]   the plan of the last forward
+//     (backward) call: [registers, vec, iters, threads_x, rows_y, blocks, n_partials, launches]
+//     (all 0: nothing launched).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -17,12 +22,38 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <mutex>
 #include <tuple>
+#include <vector>
 
+#include "emu_launcher.h"  // first: cuda_host_emu.h
+#include "cuda/layer_norm_launch.cuh"
 #include "layer_norm_common.h"
-#include "layer_norm_emu_launch.h"
 
 namespace {
+
+using bertkern::cuda::LayerNormPlan;
+
+std::mutex plan_mutex;
+int64_t row_block_cap = 0;
+std::vector<int64_t> last_plan[2] = {std::vector<int64_t>(8, 0), std::vector<int64_t>(8, 0)};
+
+int64_t max_blocks() {
+  std::lock_guard<std::mutex> lock(plan_mutex);
+  return row_block_cap > 0 ? row_block_cap : bertkern::cuda::kMaxRowBlocks;
+}
+
+void record_plan(bool backward, const LayerNormPlan* plan, size_t n_launches) {
+  std::lock_guard<std::mutex> lock(plan_mutex);
+  if (plan == nullptr) {
+    last_plan[backward] = std::vector<int64_t>(8, 0);
+    return;
+  }
+  last_plan[backward] = {plan->registers, plan->vec, plan->iters, plan->threads_x, plan->rows_y,
+                         plan->blocks, plan->n_partials, static_cast<int64_t>(n_launches)};
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 // The storage types the CUDA kernels are instantiated for.
 template <typename F>
@@ -71,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   const auto stat_options = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty(bertkern::row_shape(x), stat_options);
   at::Tensor rstd = at::empty(bertkern::row_shape(x), stat_options);
+  record_plan(false, nullptr, 0);
   dispatch_storage_type(x.scalar_type(), "layer_norm_fwd", [&](auto tag) {
     using T = decltype(tag);
     if (M == 0) return;
@@ -79,11 +111,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
       rstd.fill_(1.0 / std::sqrt(eps));  // as layer_norm.cu: in double, stored as float
       return;
     }
-    emu_layer_norm::fwd<T>(x.data_ptr<T>(), data_or_null<T>(residual), data_or_null<T>(weight),
-                           data_or_null<T>(bias), y.data_ptr<T>(),
-                           residual && store_residual ? residual_out.data_ptr<T>() : nullptr,
-                           mean.data_ptr<float>(), rstd.data_ptr<float>(), M, N,
-                           static_cast<float>(eps));
+    const T* r = data_or_null<T>(residual);
+    const T* w = data_or_null<T>(weight);
+    const T* b = data_or_null<T>(bias);
+    T* z = residual && store_residual ? residual_out.data_ptr<T>() : nullptr;
+    const bool all_aligned = aligned16(x.data_ptr()) && aligned16(y.data_ptr()) && aligned16(r) &&
+                             aligned16(w) && aligned16(b) && aligned16(z);
+    const LayerNormPlan plan =
+        bertkern::cuda::layer_norm_fwd_plan(M, N, sizeof(T), all_aligned, max_blocks());
+    std::vector<emu_plans::LaunchRecord> launches;
+    bertkern::cuda::layer_norm_fwd_launch<T>(emu_plans::EmuLauncher{&launches}, plan, x.data_ptr<T>(),
+                                             r, w, b, y.data_ptr<T>(), z, mean.data_ptr<float>(),
+                                             rstd.data_ptr<float>(), M, N, static_cast<float>(eps));
+    record_plan(false, &plan, launches.size());
   });
   return {y, residual_out, mean, rstd};
 }
@@ -106,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   at::Tensor dz = at::empty(z.sizes(), z.options());
   at::Tensor dweight = at::empty({weight ? N : 0}, z.options());
   at::Tensor dbias = at::empty({has_bias ? N : 0}, z.options());
+  record_plan(true, nullptr, 0);
   dispatch_storage_type(z.scalar_type(), "layer_norm_bwd", [&](auto tag) {
     using T = decltype(tag);
     if (M == 0) {  // sums over no rows
@@ -114,23 +155,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
       return;
     }
     if (N == 0) return;
-    emu_layer_norm::bwd_dz<T>(dy.data_ptr<T>(), data_or_null<T>(dresidual_out), z.data_ptr<T>(),
-                              mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                              data_or_null<T>(weight), dz.data_ptr<T>(), M, N);
-    if (weight || has_bias) {
-      emu_layer_norm::bwd_dwdb<T>(dy.data_ptr<T>(), z.data_ptr<T>(), mean.data_ptr<float>(),
-                                  rstd.data_ptr<float>(), weight ? dweight.data_ptr<T>() : nullptr,
-                                  has_bias ? dbias.data_ptr<T>() : nullptr, M, N);
-    }
+    const T* w = data_or_null<T>(weight);
+    const T* dr = data_or_null<T>(dresidual_out);
+    const bool all_aligned = aligned16(dy.data_ptr()) && aligned16(z.data_ptr()) &&
+                             aligned16(dz.data_ptr()) && aligned16(w) && aligned16(dr);
+    const LayerNormPlan plan = bertkern::cuda::layer_norm_bwd_plan(
+        M, N, sizeof(T), all_aligned, weight.has_value() || has_bias, max_blocks());
+    // Garbage-filled like the GPU's uninitialized workspace: every partial must be written.
+    std::vector<float> workspace(static_cast<size_t>(plan.workspace_floats), std::nanf(""));
+    std::vector<emu_plans::LaunchRecord> launches;
+    bertkern::cuda::layer_norm_bwd_launch<T>(
+        emu_plans::EmuLauncher{&launches}, plan, plan.workspace_floats ? workspace.data() : nullptr,
+        dy.data_ptr<T>(), dr, z.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), w,
+        dz.data_ptr<T>(), weight ? dweight.data_ptr<T>() : nullptr,
+        has_bias ? dbias.data_ptr<T>() : nullptr, M, N);
+    record_plan(true, &plan, launches.size());
   });
   return {dz, dweight, dbias};
 }
 
 int64_t set_row_block_cap(int64_t cap) {
   TORCH_CHECK_VALUE(cap >= 0, "_set_row_block_cap: cap must be >= 0, got ", cap);
-  const int64_t previous = emu_layer_norm::row_block_cap();
-  emu_layer_norm::row_block_cap() = cap;
+  std::lock_guard<std::mutex> lock(plan_mutex);
+  const int64_t previous = row_block_cap;
+  row_block_cap = cap;
   return previous;
+}
+
+std::vector<int64_t> layer_norm_last_plan(bool backward) {
+  std::lock_guard<std::mutex> lock(plan_mutex);
+  return last_plan[backward];
 }
 
 }  // namespace
@@ -143,6 +197,7 @@ TORCH_LIBRARY(bertkern_emu, m) {
       "layer_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor z, Tensor mean, Tensor rstd, "
       "Tensor? weight, bool has_bias) -> (Tensor dz, Tensor dweight, Tensor dbias)");
   m.def("_set_row_block_cap(int cap) -> int", &set_row_block_cap);
+  m.def("_layer_norm_last_plan(bool backward) -> int[]", &layer_norm_last_plan);
 }
 
 TORCH_LIBRARY_IMPL(bertkern_emu, CPU, m) {

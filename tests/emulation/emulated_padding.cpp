@@ -2,7 +2,8 @@
 // compiled with g++ against the CUDA host emulation and registered for CPU tensors under
 // bertkern_emu with the same schemas as the real ops (csrc/ops.cpp). Each op does what the CUDA
 // launcher csrc/cuda/padding.cu does (argument checks from padding_common.h, output allocation,
-// special cases, launch plan: padding_emu_launch.h) on CPU tensors through emu::launch. Indices
+// special cases) and runs the real launch plans (csrc/cuda/padding_launch.cuh) on CPU tensors
+// through emu::launch. Indices
 // are NOT range-checked on the host (padding.cu does not either): an out-of-range index fails
 // the kernels' device-side check, and the op raises IndexError with its message.
 //
@@ -11,26 +12,38 @@
 //     `cap` blocks (0: the real plan), returns the previous cap: small inputs then run the
 //     grid-stride loops over sequences and rows.
 //   bertkern_emu::_padding_last_row_copy() -> int[]   [unit_bytes, VEC, threads_x, rows_y,
-//     blocks] of the last gather_rows / scatter_rows launch ([0, 0, 0, 0, 0]: it launched
-//     nothing), so tests can see which copy path ran.
+//     blocks] of the last gather_rows row copy / scatter_rows pad_rows launch ([0, 0, 0, 0, 0]:
+//     it launched none), so tests can see which copy path ran.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <mutex>
 #include <tuple>
 #include <vector>
 
+#include "emu_launcher.h"  // first: cuda_host_emu.h
+#include "cuda/padding_launch.cuh"
 #include "padding_common.h"
-#include "padding_emu_launch.h"
 
 namespace {
+
+using bertkern::cuda::RowCopyInfo;
+
+std::mutex cap_mutex;
+int64_t block_cap = 0;  // 0: the real plan
+
+int64_t max_blocks() {
+  std::lock_guard<std::mutex> lock(cap_mutex);
+  return block_cap > 0 ? block_cap : bertkern::cuda::kMaxPaddingBlocks;
+}
 
 std::mutex last_copy_mutex;
 std::vector<int64_t> last_copy(5, 0);
 
-void record_copy(const emu_padding::RowCopyInfo& info) {
+void record_copy(const RowCopyInfo& info) {
   std::lock_guard<std::mutex> lock(last_copy_mutex);
   last_copy = {info.unit_bytes, info.vec, info.plan.threads_x, info.plan.rows_y, info.plan.blocks};
 }
@@ -44,7 +57,7 @@ auto run_emulated(const char* op, F&& f) {
     return f();
   } catch (const emu::DeviceCheckError& e) {
     TORCH_CHECK_INDEX(false, op, ": ", e.what());
-  } catch (const emu_padding::MisalignedAddress& e) {
+  } catch (const emu_plans::MisalignedAddress& e) {
     TORCH_CHECK(false, op, ": CUDA error: ", e.what());
   }
 }
@@ -55,16 +68,29 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt> mask_to_indices(const at::Tensor
   const int64_t B = mask.size(0), S = mask.size(1);
   at::Tensor cu_seqlens = at::empty({B + 1}, mask.options().dtype(at::kInt));
   const bool* m = mask.data_ptr<bool>();
-  const emu_padding::MaskStats stats = run_emulated("mask_to_indices", [&] {
-    return emu_padding::mask_lengths(m, cu_seqlens.data_ptr<int32_t>(), B, S);
-  });
-  at::Tensor indices = at::empty({stats.total}, mask.options().dtype(at::kLong));
-  run_emulated("mask_to_indices", [&] {
-    emu_padding::mask_indices(m, cu_seqlens.data_ptr<int32_t>(), indices.data_ptr<int64_t>(), B, S,
-                              stats.total);
-    return 0;
-  });
-  return {indices, cu_seqlens, c10::SymInt(stats.max_seqlen)};
+  const int64_t cap = max_blocks();
+  int64_t stats[2] = {0, 0};  // T, max seqlen
+  if (B == 0) {  // padding.cu: cu_seqlens.zero_(), no launch
+    cu_seqlens.zero_();
+  } else {
+    at::Tensor seqlens = at::empty({B}, mask.options().dtype(at::kInt));
+    run_emulated("mask_to_indices", [&] {
+      bertkern::cuda::mask_lengths_launch(emu_plans::EmuLauncher{}, m, seqlens.data_ptr<int32_t>(),
+                                          cu_seqlens.data_ptr<int32_t>(), stats, B, S, cap);
+      return 0;
+    });
+  }
+  TORCH_CHECK_VALUE(stats[0] <= INT32_MAX, "key_padding_mask: ", stats[0],
+                    " real tokens, more than 2^31 - 1; cu_seqlens is int32");
+  at::Tensor indices = at::empty({stats[0]}, mask.options().dtype(at::kLong));
+  if (stats[0] > 0) {
+    run_emulated("mask_to_indices", [&] {
+      bertkern::cuda::mask_indices_launch(emu_plans::EmuLauncher{}, m, cu_seqlens.data_ptr<int32_t>(),
+                                          indices.data_ptr<int64_t>(), B, S, cap);
+      return 0;
+    });
+  }
+  return {indices, cu_seqlens, c10::SymInt(stats[1])};
 }
 
 int64_t row_bytes_of(const at::Tensor& x) {
@@ -81,8 +107,9 @@ at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& indices_in) {
   shape[0] = indices.numel();
   at::Tensor out = at::empty(shape, x.options());
   const auto info = run_emulated("gather_rows", [&] {
-    return emu_padding::copy_rows<false>(x.data_ptr(), indices.data_ptr<int64_t>(), out.data_ptr(),
-                                         indices.numel(), x.size(0), out.size(0), row_bytes_of(x));
+    return bertkern::cuda::gather_rows_launch(emu_plans::EmuLauncher{}, x.data_ptr(),
+                                              indices.data_ptr<int64_t>(), out.data_ptr(),
+                                              indices.numel(), x.size(0), row_bytes_of(x), max_blocks());
   });
   record_copy(info);
   return out;
@@ -95,10 +122,16 @@ at::Tensor scatter_rows(const at::Tensor& x_in, const at::Tensor& indices_in, in
   const at::Tensor indices = indices_in.contiguous();
   auto shape = x.sizes().vec();
   shape[0] = n_rows;
-  at::Tensor out = at::zeros(shape, x.options());
+  // As padding.cu: no zero-fill (the fill below is garbage the kernels must overwrite).
+  at::Tensor out = at::empty(shape, x.options());
+  if (out.numel() > 0) std::memset(out.data_ptr(), 0xA5, out.nbytes());
+  const int64_t row_bytes = row_bytes_of(x);
+  at::Tensor inverse = at::empty({row_bytes > 0 ? n_rows : 0}, indices.options());
   const auto info = run_emulated("scatter_rows", [&] {
-    return emu_padding::copy_rows<true>(x.data_ptr(), indices.data_ptr<int64_t>(), out.data_ptr(),
-                                        indices.numel(), x.size(0), n_rows, row_bytes_of(x));
+    return bertkern::cuda::scatter_rows_launch(emu_plans::EmuLauncher{}, x.data_ptr(),
+                                               indices.data_ptr<int64_t>(), out.data_ptr(),
+                                               inverse.data_ptr<int64_t>(), indices.numel(), n_rows,
+                                               row_bytes, max_blocks());
   });
   record_copy(info);
   return out;
@@ -106,8 +139,9 @@ at::Tensor scatter_rows(const at::Tensor& x_in, const at::Tensor& indices_in, in
 
 int64_t set_padding_block_cap(int64_t cap) {
   TORCH_CHECK_VALUE(cap >= 0, "_set_padding_block_cap: cap must be >= 0, got ", cap);
-  const int64_t previous = emu_padding::block_cap();
-  emu_padding::block_cap() = cap;
+  std::lock_guard<std::mutex> lock(cap_mutex);
+  const int64_t previous = block_cap;
+  block_cap = cap;
   return previous;
 }
 

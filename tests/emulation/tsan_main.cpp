@@ -1,8 +1,9 @@
-// Standalone run of the LayerNorm kernels of csrc/cuda/layer_norm.cuh through the CUDA host
-// emulation, checked against a double-precision reference. No torch library: it links cleanly
+// Standalone run of the LayerNorm kernels of csrc/cuda/layer_norm.cuh, launched by the real
+// launch plans (csrc/cuda/layer_norm_launch.cuh) through the CUDA host emulation, checked
+// against a double-precision reference. No torch library: it links cleanly
 // with -fsanitize=thread (only the header-only c10::Half / c10::BFloat16 come from torch's
 // include dir). tests/test_emulated_layer_norm.py builds and runs it:
-//   g++ -std=c++20 -O1 -g -fsanitize=thread -pthread -I<torch include> -Icsrc
+//   g++ -std=c++20 -O1 -g -fsanitize=thread -pthread -I<torch include> -Icsrc -Itests/emulation
 //       tests/emulation/tsan_main.cpp -o tsan_main
 // Prints one line per case and a summary; exits 1 on any mismatch (and with TSan's exitcode
 // when TSan reported something).
@@ -18,11 +19,14 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "layer_norm_emu_launch.h"
+#include "emu_launcher.h"  // first: cuda_host_emu.h
+#include "cuda/layer_norm_launch.cuh"
 
 namespace {
 
-using bertkern::cuda::DwDbPlan;
+using bertkern::cuda::LayerNormPlan;
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 template <typename T>
 const char* type_name();
@@ -80,7 +84,16 @@ struct Case {
   int64_t row_block_cap;  // 0: the real plan
   float offset;           // added to x: rows with a large mean and a small spread
   int expect_vec;
+  // Expected path: 'w' several rows a block (32 or 64 threads a row), 'b' a block per row,
+  // 'l' loop path;
+  // forward then backward.
+  const char* expect_path;
 };
+
+char path_of(const LayerNormPlan& p) {
+  if (!p.registers) return 'l';
+  return p.rows_y > 1 ? 'w' : 'b';
+}
 
 std::string describe(const Case& c) {
   char buf[256];
@@ -122,13 +135,20 @@ bool run_case(const Case& c, uint64_t seed) {
     w[j] = static_cast<T>(1.f + 0.5f * rng.uniform());
     b[j] = static_cast<T>(rng.uniform());
   }
-  emu_layer_norm::row_block_cap() = c.row_block_cap;
+  const int64_t max_blocks = c.row_block_cap > 0 ? c.row_block_cap : bertkern::cuda::kMaxRowBlocks;
 
   // ---- forward
-  const int vec = emu_layer_norm::fwd<T>(x.data(), c.residual ? res.data() : nullptr,
-                                         c.weight ? w.data() : nullptr, c.bias ? b.data() : nullptr,
-                                         y.data(), c.residual && c.store_residual ? res_out.data() : nullptr,
-                                         mean.data(), rstd.data(), M, N, eps);
+  const T* x_p = x.data();
+  const T* r_p = c.residual ? res.data() : nullptr;
+  const T* w_p = c.weight ? w.data() : nullptr;
+  const T* b_p = c.bias ? b.data() : nullptr;
+  T* z_out = c.residual && c.store_residual ? res_out.data() : nullptr;
+  const bool fwd_aligned = aligned16(x_p) && aligned16(r_p) && aligned16(w_p) && aligned16(b_p) &&
+                           aligned16(y.data()) && aligned16(z_out);
+  const LayerNormPlan fplan = bertkern::cuda::layer_norm_fwd_plan(M, N, sizeof(T), fwd_aligned, max_blocks);
+  bertkern::cuda::layer_norm_fwd_launch<T>(emu_plans::EmuLauncher{}, fplan, x_p, r_p, w_p, b_p, y.data(),
+                                           z_out, mean.data(), rstd.data(), M, N, eps);
+  const int vec = fplan.vec;
   // z = x (+ residual rounded to T): the reference's, and the backward's input.
   Buffer<T> z(MN, c.misalign);
   for (int64_t i = 0; i < MN; ++i)
@@ -169,13 +189,20 @@ bool run_case(const Case& c, uint64_t seed) {
   ok = ok && z_exact && c_mean.ok() && c_rstd.ok() && c_y.ok();
 
   // ---- backward (from the kernel's own statistics, as autograd would pass them)
-  const int vec_b = emu_layer_norm::bwd_dz<T>(dy.data(), c.dresidual ? dres.data() : nullptr, z.data(),
-                                              mean.data(), rstd.data(), c.weight ? w.data() : nullptr,
-                                              dz.data(), M, N);
-  DwDbPlan plan{0, 0, 0};
-  if (c.weight || c.bias)
-    plan = emu_layer_norm::bwd_dwdb<T>(dy.data(), z.data(), mean.data(), rstd.data(),
-                                       c.weight ? dw.data() : nullptr, c.bias ? db.data() : nullptr, M, N);
+  const T* dr_p = c.dresidual ? dres.data() : nullptr;
+  const bool bwd_aligned = aligned16(dy.data()) && aligned16(z.data()) && aligned16(dz.data()) &&
+                           aligned16(w_p) && aligned16(dr_p);
+  const LayerNormPlan bplan = bertkern::cuda::layer_norm_bwd_plan(M, N, sizeof(T), bwd_aligned,
+                                                                  c.weight || c.bias, max_blocks);
+  std::vector<float> workspace(static_cast<size_t>(bplan.workspace_floats), std::nanf(""));
+  bertkern::cuda::layer_norm_bwd_launch<T>(
+      emu_plans::EmuLauncher{}, bplan, bplan.workspace_floats ? workspace.data() : nullptr, dy.data(),
+      dr_p, z.data(), mean.data(), rstd.data(), w_p, dz.data(), c.weight ? dw.data() : nullptr,
+      c.bias ? db.data() : nullptr, M, N);
+  const int vec_b = bplan.vec;
+  const int64_t chunks = bplan.registers ? bplan.n_partials : bplan.loop_dwdb.n_chunks;
+  const char path[3] = {path_of(fplan), path_of(bplan), 0};
+  ok = ok && std::strcmp(path, c.expect_path) == 0;
   Check c_dz, c_dw, c_db;
   std::vector<double> ref_dw(N, 0.0), ref_db(N, 0.0), abs_dw(N, 0.0), abs_db(N, 0.0);
   for (int64_t r = 0; r < M; ++r) {
@@ -211,9 +238,10 @@ bool run_case(const Case& c, uint64_t seed) {
   ok = ok && vec_b == c.expect_vec && c_dz.ok() && c_dw.ok() && c_db.ok();
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("%s %-8s %s vec=%d/%d chunks=%lld | err/tol mean %.3f rstd %.3f y %.3f z %s dz %.3f dw %.3f db %.3f | %.1f s\n",
-              ok ? "ok  " : "FAIL", type_name<T>(), describe(c).c_str(), vec, vec_b,
-              static_cast<long long>(plan.n_chunks), c_mean.worst, c_rstd.worst, c_y.worst,
+  std::printf("%s %-8s %s path=%s (fwd %dx%d iters %d, bwd %dx%d iters %d, %lld blocks) vec=%d/%d partials=%lld | err/tol mean %.3f rstd %.3f y %.3f z %s dz %.3f dw %.3f db %.3f | %.1f s\n",
+              ok ? "ok  " : "FAIL", type_name<T>(), describe(c).c_str(), path, fplan.threads_x,
+              fplan.rows_y, fplan.iters, bplan.threads_x, bplan.rows_y, bplan.iters,
+              static_cast<long long>(bplan.blocks), vec, vec_b, static_cast<long long>(chunks), c_mean.worst, c_rstd.worst, c_y.worst,
               z_exact ? "exact" : "WRONG", c_dz.worst, c_dw.worst, c_db.worst, secs);
   return ok;
 }
@@ -221,16 +249,52 @@ bool run_case(const Case& c, uint64_t seed) {
 // The launch-plan helpers themselves, over a range of shapes.
 bool check_plans() {
   using namespace bertkern::cuda;
-  bool ok = layer_norm_row_blocks(1) == 1 && layer_norm_row_blocks(65536) == 65536 &&
-            layer_norm_row_blocks(70000) == kMaxRowBlocks;
-  ok = ok && layer_norm_vec(768, 4, true) == 4 && layer_norm_vec(768, 2, true) == 8 &&
-       layer_norm_vec(768, 4, false) == 1 && layer_norm_vec(1023, 4, true) == 1;
+  bool ok = layer_norm_vec(768, 4, true) == 4 && layer_norm_vec(768, 2, true) == 8 &&
+            layer_norm_vec(768, 4, false) == 1 && layer_norm_vec(1023, 4, true) == 1;
   for (int64_t packs : {1ll, 7ll, 64ll, 65ll, 192ll, 1023ll, 1024ll, 2048ll, 100000ll}) {
     const int t = layer_norm_threads(packs);
     ok = ok && t % kWarpSize == 0 && t >= kWarpSize && t <= 512;
   }
-  for (int64_t M : {0ll, 1ll, 7ll, 31ll, 32ll, 33ll, 70ll, 1000ll, 4096ll, 123457ll, 10000000ll}) {
-    for (int64_t N : {1ll, 7ll, 32ll, 33ll, 768ll, 1023ll, 8192ll, 100000ll}) {
+  for (int64_t M : {1ll, 7ll, 31ll, 32ll, 33ll, 70ll, 1000ll, 4096ll, 123457ll, 10000000ll}) {
+    for (int64_t N : {1ll, 7ll, 32ll, 33ll, 768ll, 1023ll, 1024ll, 1030ll, 4096ll, 8192ll, 16385ll,
+                      32768ll, 32776ll, 100000ll}) {
+      for (int elem : {2, 4}) {
+        for (bool aligned : {true, false}) {
+          for (int pass = 0; pass < 2; ++pass) {
+            const LayerNormPlan p = pass == 0 ? layer_norm_fwd_plan(M, N, elem, aligned)
+                                              : layer_norm_bwd_plan(M, N, elem, aligned, true);
+            const int max_elems = pass == 0 ? fwd_max_elems(p.vec) : bwd_max_elems(p.vec);
+            const int64_t P = N / p.vec;
+            bool good = p.vec == layer_norm_vec(N, elem, aligned) && p.blocks >= 1 &&
+                        p.blocks <= kMaxRowBlocks && p.threads_x % kWarpSize == 0 &&
+                        p.threads_x * p.rows_y <= kMaxRowThreads;
+            if (p.registers) {
+              good = good && static_cast<int64_t>(p.iters) * p.threads_x >= P &&
+                     p.iters * p.vec <= max_elems &&
+                     (p.rows_y == 1 || (p.threads_x <= kMaxMultiRowThreads && N <= kMultiRowMaxN)) &&
+                     (p.threads_x > kMaxMultiRowThreads || p.rows_y > 1) &&
+                     p.blocks * p.rows_y <= ((M + p.rows_y - 1) / p.rows_y) * p.rows_y;
+              if (pass == 1)
+                good = good && p.n_partials == p.blocks && p.workspace_floats == 2 * p.blocks * N &&
+                       p.blocks * p.threads_x * p.rows_y <= kBwdThreadsInFlight &&
+                       p.workspace_floats == 2 * p.n_partials * N;
+            } else {
+              // the loop path only where a row does not fit 1024 threads' registers
+              good = good && P > static_cast<int64_t>(kMaxRowThreads) * (max_elems / p.vec) / 2 &&
+                     p.blocks == (M < kMaxRowBlocks ? M : kMaxRowBlocks) &&
+                     (pass == 0 || p.workspace_floats == 2 * p.loop_dwdb.n_chunks * N);
+            }
+            if (!good) {
+              std::printf("FAIL %s plan M=%lld N=%lld elem=%d aligned=%d: registers %d vec %d iters %d "
+                          "threads %dx%d blocks %lld\n",
+                          pass ? "bwd" : "fwd", static_cast<long long>(M), static_cast<long long>(N), elem,
+                          aligned, p.registers, p.vec, p.iters, p.threads_x, p.rows_y,
+                          static_cast<long long>(p.blocks));
+              ok = false;
+            }
+          }
+        }
+      }
       const DwDbPlan p = layer_norm_dwdb_plan(M, N);
       const bool good = p.col_tiles * kColTile >= N && (p.col_tiles - 1) * kColTile < N &&
                         p.n_chunks >= 1 && p.n_chunks <= 65535 && p.rows_per_chunk % kRowThreads == 0 &&
@@ -254,29 +318,41 @@ bool check_plans() {
 int main() {
   int failures = check_plans() ? 0 : 1;
   uint64_t seed = 1;
-  //                M     N     res    w      b      store  dres   misal  cap off   vec
+  // path: forward then backward plan, 'w' warp per row, 'b' block per row, 'l' loop path.
+  //                M     N     res    w      b      store  dres   misal  cap off   vec path
   const Case float_cases[] = {
-      {1, 1, false, false, false, false, false, false, 0, 0.f, 1},
-      {1, 1, true, true, true, true, true, false, 0, 0.f, 1},
-      {3, 1023, true, true, true, true, true, false, 0, 0.f, 1},
-      {3, 1023, true, false, false, false, false, false, 0, 0.f, 1},
-      {2, 768, true, true, true, true, true, false, 0, 0.f, 4},
-      {2, 768, true, true, true, true, true, true, 0, 0.f, 1},
-      {2, 768, false, false, false, false, false, false, 0, 0.f, 4},
-      {70, 40, true, true, true, true, false, false, 8, 0.f, 4},  // grid-stride, 3 dw chunks
-      {37, 7, false, true, false, false, true, false, 5, 1000.f, 1},
-      {5, 64, false, false, true, false, false, true, 2, 0.f, 1},
+      {1, 1, false, false, false, false, false, false, 0, 0.f, 1, "ww"},
+      {1, 1, true, true, true, true, true, false, 0, 0.f, 1, "ww"},
+      {3, 1023, true, true, true, true, true, false, 0, 0.f, 1, "wb"},   // 64 threads a row fwd
+      {3, 1023, true, false, false, false, false, false, 0, 0.f, 1, "wb"},
+      {2, 768, true, true, true, true, true, false, 0, 0.f, 4, "ww"},    // bwd 64 threads a row
+      {2, 768, true, true, true, true, true, true, 0, 0.f, 1, "wb"},
+      {2, 768, false, false, false, false, false, false, 0, 0.f, 4, "ww"},
+      {70, 40, true, true, true, true, false, false, 8, 0.f, 4, "ww"},  // grid-stride, 8 partials
+      {37, 7, false, true, false, false, true, false, 5, 1000.f, 1, "ww"},
+      {5, 64, false, false, true, false, false, true, 2, 0.f, 1, "ww"},
+      {9, 96, true, true, true, true, true, false, 0, 0.f, 4, "ww"},      // 4 / 8 rows a block, tail
+      {300, 64, false, true, true, false, false, false, 0, 0.f, 4, "ww"},  // 38 partial rows
+      {3, 2000, true, true, true, true, true, false, 0, 0.f, 4, "bb"},    // block per row, tail packs
+      {7, 2000, true, true, true, false, false, false, 2, 0.f, 4, "bb"},  // block per row, grid-stride
+      {2, 1030, false, true, true, false, true, false, 0, 0.f, 1, "bb"},  // N % 4 != 0, N > 1024
+      {2, 12000, true, true, true, true, true, false, 0, 0.f, 4, "bl"},   // bwd loop path
+      {2, 16385, true, true, true, true, true, true, 0, 0.f, 1, "ll"},    // loop path, unvectorized
   };
   for (const Case& c : float_cases) failures += run_case<float>(c, seed++) ? 0 : 1;
   const Case half_cases[] = {
-      {2, 768, true, true, true, true, true, false, 0, 0.f, 8},
-      {3, 1023, true, true, true, true, true, false, 0, 0.f, 1},
-      {70, 40, true, true, true, true, false, false, 8, 0.f, 8},
+      {2, 768, true, true, true, true, true, false, 0, 0.f, 8, "ww"},
+      {3, 1023, true, true, true, true, true, false, 0, 0.f, 1, "wb"},
+      {70, 40, true, true, true, true, false, false, 8, 0.f, 8, "ww"},
+      {2, 3000, true, true, true, true, true, false, 0, 0.f, 8, "bb"},
+      {7, 768, true, true, true, true, true, false, 1, 0.f, 8, "ww"},  // bwd 64x4, 1 block, tail row idle
+      {2, 32776, false, true, true, false, false, false, 0, 0.f, 8, "ll"},  // loop path
   };
   for (const Case& c : half_cases) failures += run_case<c10::Half>(c, seed++) ? 0 : 1;
   const Case bf16_cases[] = {
-      {2, 768, true, true, true, true, true, false, 0, 0.f, 8},
-      {3, 1023, false, true, false, false, false, false, 0, 0.f, 1},
+      {2, 768, true, true, true, true, true, false, 0, 0.f, 8, "ww"},
+      {3, 1023, false, true, false, false, false, false, 0, 0.f, 1, "wb"},
+      {100, 24, true, true, true, true, true, false, 3, 0.f, 8, "ww"},  // 3 blocks of 8 warps sum partials
   };
   for (const Case& c : bf16_cases) failures += run_case<c10::BFloat16>(c, seed++) ? 0 : 1;
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);

@@ -1,11 +1,12 @@
 // Standalone run of the key-padding kernels of csrc/cuda/padding.cuh through the CUDA host
-// emulation (padding_emu_launch.h: the launch plan of csrc/cuda/padding.cu), checked against a
-// plain C++ reference. No torch at all. tests/test_emulated_padding.py builds and runs it:
+// emulation, launched by the real launch plans (csrc/cuda/padding_launch.cuh), checked against
+// a plain C++ reference. No torch at all. tests/test_emulated_padding.py builds and runs it:
 //   g++ -std=c++20 -O1 -g -fsanitize=thread -pthread -Itests/emulation -Icsrc
 //       tests/emulation/tsan_padding.cpp -o tsan_padding
 // For each mask: mask -> (cu_seqlens, T, max_seqlen, indices), then gather_rows and
 // scatter_rows over rows of a few byte widths (every copy unit: uint8, uint16, uint32 and
-// 16-byte packs), compared byte for byte; then out-of-range indices, which must fail the
+// 16-byte packs), compared byte for byte (scatter's output starts as garbage: the kernels must
+// write every byte, zeros included); then out-of-range indices, which must fail the
 // kernels' device-side check (emu::DeviceCheckError) and leave nothing written out of bounds.
 // Prints one line per case and a summary; exits 1 on any mismatch (and with TSan's exitcode
 // when TSan reported something).
@@ -18,9 +19,54 @@
 #include <string>
 #include <vector>
 
-#include "padding_emu_launch.h"
+#include "emu_launcher.h"  // first: cuda_host_emu.h
+#include "cuda/padding_launch.cuh"
 
 namespace {
+
+using bertkern::cuda::RowCopyInfo;
+using bertkern::cuda::RowCopyPlan;
+
+int64_t g_block_cap = 0;  // 0: the real plan
+int64_t max_blocks() { return g_block_cap > 0 ? g_block_cap : bertkern::cuda::kMaxPaddingBlocks; }
+
+struct MaskStats {
+  int64_t total;
+  int64_t max_seqlen;
+};
+
+// mask_to_indices as padding.cu runs it: lengths, the host read of the stats, indices.
+MaskStats mask_lengths(const bool* mask, int32_t* cu_seqlens, int64_t B, int64_t S) {
+  if (B == 0) {  // padding.cu: cu_seqlens.zero_(), no launch
+    cu_seqlens[0] = 0;
+    return {0, 0};
+  }
+  std::unique_ptr<int32_t[]> seqlens(new int32_t[B]);
+  int64_t stats[2] = {-1, -1};
+  bertkern::cuda::mask_lengths_launch(emu_plans::EmuLauncher{}, mask, seqlens.get(), cu_seqlens, stats,
+                                      B, S, max_blocks());
+  return {stats[0], stats[1]};
+}
+
+void mask_indices(const bool* mask, const int32_t* cu_seqlens, int64_t* indices, int64_t B, int64_t S,
+                  int64_t total) {
+  if (total <= 0) return;
+  bertkern::cuda::mask_indices_launch(emu_plans::EmuLauncher{}, mask, cu_seqlens, indices, B, S,
+                                      max_blocks());
+}
+
+RowCopyInfo run_gather(const void* src, const int64_t* idx, void* dst, int64_t n, int64_t n_src,
+                   int64_t row_bytes) {
+  return bertkern::cuda::gather_rows_launch(emu_plans::EmuLauncher{}, src, idx, dst, n, n_src, row_bytes,
+                                            max_blocks());
+}
+
+RowCopyInfo run_scatter(const void* src, const int64_t* idx, void* dst, int64_t n, int64_t n_dst,
+                    int64_t row_bytes) {
+  std::vector<int64_t> inverse(static_cast<size_t>(n_dst), -7);
+  return bertkern::cuda::scatter_rows_launch(emu_plans::EmuLauncher{}, src, idx, dst, inverse.data(), n,
+                                             n_dst, row_bytes, max_blocks());
+}
 
 struct Rng {
   uint64_t state;
@@ -105,16 +151,18 @@ bool check_rows(const std::vector<int64_t>& idx, int64_t n_rows, int64_t row_byt
   Bytes x(static_cast<size_t>(n_rows * row_bytes), offset, 0);
   for (size_t i = 0; i < x.size(); ++i) x.data()[i] = static_cast<unsigned char>(rng.next());
   Bytes packed(static_cast<size_t>(T * row_bytes), offset, 0xEE);
-  Bytes padded(static_cast<size_t>(n_rows * row_bytes), offset, 0);  // zero-filled as at::zeros
+  Bytes padded(static_cast<size_t>(n_rows * row_bytes), offset, 0x5A);  // garbage, as at::empty
 
-  const auto g = emu_padding::copy_rows<false>(x.data(), idx.data(), packed.data(), T, n_rows, T, row_bytes);
-  const auto s = emu_padding::copy_rows<true>(packed.data(), idx.data(), padded.data(), T, T, n_rows, row_bytes);
+  const auto g = run_gather(x.data(), idx.data(), packed.data(), T, n_rows, row_bytes);
+  const auto s = run_scatter(packed.data(), idx.data(), padded.data(), T, n_rows, row_bytes);
 
   bool ok = true;
   int unit = 0, vec = 0;
   expected_unit(row_bytes, offset % 16 == 0, &unit, &vec);
-  if (T > 0 && n_rows > 0) ok = ok && g.unit_bytes == unit && g.vec == vec && s.unit_bytes == unit && s.vec == vec;
-  if (T == 0) ok = ok && g.unit_bytes == 0 && s.unit_bytes == 0;  // no launch
+  if (T > 0 && n_rows > 0) ok = ok && g.unit_bytes == unit && g.vec == vec;
+  if (n_rows > 0) ok = ok && s.unit_bytes == unit && s.vec == vec;  // zeros are written too
+  if (T == 0) ok = ok && g.unit_bytes == 0;                          // no gather launch
+  if (n_rows == 0) ok = ok && s.unit_bytes == 0;
   for (int64_t t = 0; t < T && ok; ++t)
     ok = std::memcmp(packed.data() + t * row_bytes, x.data() + idx[t] * row_bytes, row_bytes) == 0;
   std::vector<bool> real(static_cast<size_t>(n_rows), false);
@@ -139,7 +187,7 @@ bool check_rows(const std::vector<int64_t>& idx, int64_t n_rows, int64_t row_byt
 bool run_mask_case(const MaskCase& c, uint64_t seed) {
   const auto start = std::chrono::steady_clock::now();
   Rng rng{seed};
-  emu_padding::block_cap() = c.block_cap;
+  g_block_cap = c.block_cap;
   const int64_t B = c.B, S = c.S;
   const auto mask = make_mask(c, rng);
 
@@ -161,9 +209,9 @@ bool run_mask_case(const MaskCase& c, uint64_t seed) {
 
   // kernels (buffers start as garbage, as at::empty)
   std::vector<int32_t> cu(static_cast<size_t>(B + 1), -7);
-  const emu_padding::MaskStats stats = emu_padding::mask_lengths(mask.get(), cu.data(), B, S);
+  const MaskStats stats = mask_lengths(mask.get(), cu.data(), B, S);
   std::vector<int64_t> idx(static_cast<size_t>(stats.total > 0 ? stats.total : 0), -7);
-  emu_padding::mask_indices(mask.get(), cu.data(), idx.data(), B, S, stats.total);
+  mask_indices(mask.get(), cu.data(), idx.data(), B, S, stats.total);
 
   const int64_t T = static_cast<int64_t>(idx_ref.size());
   bool ok = stats.total == T && stats.max_seqlen == max_ref && cu == cu_ref && idx == idx_ref;
@@ -176,7 +224,7 @@ bool run_mask_case(const MaskCase& c, uint64_t seed) {
       ok = check_rows(idx_ref, B * S, row_bytes, offset, rng, &detail) && ok;
     }
   }
-  emu_padding::block_cap() = 0;
+  g_block_cap = 0;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::printf("%s %-16s B=%lld S=%lld cap=%lld T=%lld max=%lld%s | %.1f s\n", ok ? "ok  " : "FAIL", c.name,
               static_cast<long long>(B), static_cast<long long>(S), static_cast<long long>(c.block_cap),
@@ -187,7 +235,7 @@ bool run_mask_case(const MaskCase& c, uint64_t seed) {
 // An out-of-range index must fail the device-side check: emu::DeviceCheckError with the
 // kernel's message, and no byte written outside the destination.
 bool run_bad_index_case(bool scatter, int64_t bad, int64_t row_bytes, int64_t block_cap) {
-  emu_padding::block_cap() = block_cap;
+  g_block_cap = block_cap;
   const int64_t n_rows = 10, T = 6;
   std::vector<int64_t> idx = {0, 2, 4, bad, 6, 8};
   Bytes x(static_cast<size_t>((scatter ? T : n_rows) * row_bytes), 0, 0x11);
@@ -195,14 +243,14 @@ bool run_bad_index_case(bool scatter, int64_t bad, int64_t row_bytes, int64_t bl
   std::string message;
   try {
     if (scatter) {
-      emu_padding::copy_rows<true>(x.data(), idx.data(), out.data(), T, T, n_rows, row_bytes);
+      run_scatter(x.data(), idx.data(), out.data(), T, n_rows, row_bytes);
     } else {
-      emu_padding::copy_rows<false>(x.data(), idx.data(), out.data(), T, n_rows, T, row_bytes);
+      run_gather(x.data(), idx.data(), out.data(), T, n_rows, row_bytes);
     }
   } catch (const emu::DeviceCheckError& e) {
     message = e.what();
   }
-  emu_padding::block_cap() = 0;
+  g_block_cap = 0;
   const char* expect = scatter ? "scatter_rows: index out of range" : "gather_rows: index out of range";
   const bool ok = message.find(expect) != std::string::npos && out.guard_intact() && x.guard_intact();
   std::printf("%s bad index %s indices[3]=%lld rows%lld cap=%lld: %s\n", ok ? "ok  " : "FAIL",

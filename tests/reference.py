@@ -78,8 +78,9 @@ def pad_ref(x_packed, indices, batch, seqlen):
 # --- Dropout (csrc/cpu/dropout.cpp) ----------------------------------------------------------
 
 def philox4x32_ref(seed, counters):
-    """numpy Philox4x32-10 on counters (lo32(n), hi32(n), 0, 0), key (lo32(seed), hi32(seed)).
-    Returns the four output words, a (len(counters), 4) uint32 array."""
+    """numpy Philox4x32-10 on counters (lo32(n), hi32(n), 0, 0), key (lo32(seed), hi32(seed)),
+    n the nonnegative integer counters (any shape). Returns the four output words, a uint32 array
+    of shape counters.shape + (4,). The one Philox of this file (dropout and attention)."""
     import numpy as np
 
     mask32 = np.uint64(0xFFFFFFFF)
@@ -95,7 +96,7 @@ def philox4x32_ref(seed, counters):
         c0, c2 = ((prod_b >> np.uint64(32)) ^ c1 ^ k0) & mask32, ((prod_a >> np.uint64(32)) ^ c3 ^ k1) & mask32
         c1, c3 = prod_b & mask32, prod_a & mask32
         k0, k1 = (k0 + key_a) & mask32, (k1 + key_b) & mask32
-    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
 
 
 def dropout_keep_ref(seed, numel, p):
@@ -120,51 +121,39 @@ def dropout_ref(x, keep, p, relu=False):
 # --- Attention (varlen, causal, dropout) -------------------------------------------------------
 
 def philox_uniform_ref(seed, counters):
-    """numpy twin of Triton's ``tl.rand(seed, counters)`` for int32 counters: Philox4x32 with
-    10 rounds on (c0, 0, 0, 0) with key (seed low 32 bits, seed high 32 bits); output word 0 as
-    int32, negatives bit-flipped, times 4.6566127342e-10 in float32. Returns a float32 array."""
+    """numpy twin of the attention kernels' dropout uniforms for int32 counters: the four words
+    of Triton's ``tl.randint4x(seed, counters)`` (Philox4x32-10 on (c0, 0, 0, 0), key (seed low
+    32 bits, seed high 32 bits)), each as int32, negatives bit-flipped, times 4.6566127342e-10 in
+    float32 (tl.rand's mapping; word 0 is ``tl.rand(seed, counters)``). Returns a float32 array of
+    shape counters.shape + (4,)."""
     import numpy as np
 
-    mask32 = np.uint64(0xFFFFFFFF)
     c0 = np.asarray(counters, dtype=np.int64).astype(np.uint32).astype(np.uint64)
-    c1 = np.zeros_like(c0)
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    k0 = np.uint64(int(seed) & 0xFFFFFFFF)
-    k1 = np.uint64((int(seed) >> 32) & 0xFFFFFFFF)
-    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    key_a, key_b = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
-    for _ in range(10):
-        prod_b = round_b * c2  # < 2^64: exact in uint64
-        prod_a = round_a * c0
-        c0 = ((prod_b >> np.uint64(32)) ^ c1 ^ k0) & mask32
-        c2 = ((prod_a >> np.uint64(32)) ^ c3 ^ k1) & mask32
-        c1 = prod_b & mask32
-        c3 = prod_a & mask32
-        k0 = (k0 + key_a) & mask32
-        k1 = (k1 + key_b) & mask32
-    x = c0.astype(np.uint32).view(np.int32)
+    x = philox4x32_ref(seed, c0).view(np.int32)
     x = np.where(x < 0, ~x, x)
     return x.astype(np.float32) * np.float32(4.6566127342e-10)
 
 
 def attention_dropout_keep_ref(seed, cu_seqlens, num_heads, max_seqlen, dropout_p):
     """The dropout keep masks bertkern's attention kernels generate, one (H, L, L) bool tensor
-    per sequence (L its length): for sequence b, head h, local query i, key j,
-    keep = philox_uniform_ref(seed + b * H + h, i * max_seqlen + j) >= float32(dropout_p)."""
+    per sequence (L its length): for sequence b, head h, local query i, key j, with
+    W = ceil(max_seqlen / 4), keep = r >= float32(dropout_p) where r is uniform number (j & 3) of
+    philox_uniform_ref(seed + b * H + h, i * W + (j >> 2)): one Philox call per 4 keys."""
     import numpy as np
 
     cu = [int(c) for c in cu_seqlens]
+    groups_per_row = (int(max_seqlen) + 3) // 4
     masks = []
     for b in range(len(cu) - 1):
         n = cu[b + 1] - cu[b]
         i = np.arange(n, dtype=np.int64)[:, None]
-        j = np.arange(n, dtype=np.int64)[None, :]
-        counters = i * max_seqlen + j
-        heads = [
-            philox_uniform_ref(int(seed) + b * num_heads + h, counters) >= np.float32(dropout_p)
-            for h in range(num_heads)
-        ]
+        groups = (n + 3) // 4
+        counters = i * groups_per_row + np.arange(groups, dtype=np.int64)[None, :]  # g = j >> 2
+        heads = []
+        for h in range(num_heads):
+            r = philox_uniform_ref(int(seed) + b * num_heads + h, counters)  # (n, G, 4): [i, g, w]
+            r = r.reshape(n, 4 * groups)[:, :n]  # key j = 4 g + w
+            heads.append(r >= np.float32(dropout_p))
         masks.append(torch.from_numpy(np.stack(heads)) if heads else torch.zeros(0, n, n, dtype=torch.bool))
     return masks
 

@@ -127,7 +127,78 @@ def test_philox_matches_reference_bits():
     for seed in (0, 1, 2**62 - 41, 123456789012345):
         got = torch.ops.bertkern._philox_uniform(seed, offsets)
         want = torch.from_numpy(philox_uniform_ref(seed, offsets.numpy()))
-        assert torch.equal(got, want)
+        assert got.shape == (7, 4) and torch.equal(got, want)  # the 4 words of each counter
+    two_d = torch.arange(12, dtype=torch.int32).reshape(3, 4)
+    assert torch.equal(torch.ops.bertkern._philox_uniform(9, two_d),
+                       torch.ops.bertkern._philox_uniform(9, two_d.flatten()).reshape(3, 4, 4))
+
+
+@pytest.mark.parametrize("dropout_p", [1e-9, 0.1, 0.25, 1 / 3, 0.5, 0.9, 0.999, 1.0])
+def test_dropout_threshold_is_the_float_compare_in_integers(dropout_p):
+    """The GPU kernels keep iff folded word x >= dropout_threshold(p); the reference keeps iff
+    float32(x) * 2^-31 >= float32(p). Same answer at the threshold, one below it, and for
+    100k random words (every folded int32 value is in [0, 2^31))."""
+    import numpy as np
+
+    from bertkern.kernels.attention import dropout_threshold
+
+    t = dropout_threshold(dropout_p)
+    p32 = np.float32(dropout_p)
+
+    def float_keep(x):
+        return np.asarray(x).astype(np.float32) * np.float32(2.0**-31) >= p32
+
+    assert float_keep(t)
+    assert t == 0 or not float_keep(t - 1)
+    xs = np.concatenate([np.random.default_rng(0).integers(0, 2**31, 100_000),
+                         np.arange(max(t - 300, 0), min(t + 300, 2**31))])
+    assert np.array_equal(xs >= t, float_keep(xs))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("extra", [0, 5])  # max_seqlen beyond the longest sequence changes W
+def test_dropout_mask_is_the_reference_for_odd_lengths(causal, extra):
+    """Read the CPU op's keep mask back exactly: with q = 0 query i attends uniformly to its
+    visible keys (P = 1 / n_i), and with v[j] = e_j out[i, h, j] = keep[i, j] / ((1 - p) n_i).
+    Lengths are not multiples of 4 (a Philox call's 4 keys straddle the row end), and the
+    backward with the same mask equals the reference's."""
+    lengths, heads, p, seed = [37, 1, 0, 66, 13, 6], 3, 0.3, 2**41 + 77
+    total, dim = sum(lengths), max(lengths)
+    max_seqlen = max(lengths) + extra
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.zeros(total, heads, dim, dtype=torch.float64)
+    k = torch.randn(total, heads, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    v = torch.zeros(total, heads, dim, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        v[cu[b]:cu[b] + n, :, :n] = torch.eye(n, dtype=torch.float64)[:, None, :]
+    seed_t = torch.tensor([seed], dtype=torch.int64)
+    out, _ = torch.ops.bertkern.attention_fwd(q, k, v, cu, max_seqlen, 0.125, causal, p, seed_t)
+    masks = attention_dropout_keep_ref(seed, cu, heads, max_seqlen, p)
+    kept = entries = 0
+    for b, n in enumerate(lengths):
+        s = int(cu[b])
+        visible = torch.ones(n, n, dtype=torch.bool)
+        if causal:
+            visible = visible.tril()
+        counts = visible.sum(1, keepdim=True).double()
+        got = out[s:s + n, :, :n].permute(1, 0, 2) * (1 - p) * counts  # (H, L, L), 0 or 1
+        got_keep = got > 0.5
+        assert torch.allclose(got, got_keep.double(), atol=1e-9, rtol=0), f"sequence {b}: not 0/1"
+        assert torch.equal(got_keep, masks[b] & visible), (
+            f"sequence {b}: keep mask differs from attention_dropout_keep_ref in "
+            f"{(got_keep != (masks[b] & visible)).sum().item()} of {got_keep.numel()} entries")
+        kept += masks[b].sum().item()
+        entries += masks[b].numel()
+    assert abs(kept / entries - (1 - p)) < 0.02  # ~17k Bernoulli(0.7) draws: std ~0.0035
+    # The backward regenerates the same mask.
+    x = [t.clone().requires_grad_(True) for t in (torch.randn_like(q), k, v)]
+    out = torch.ops.bertkern.attention_fwd(*x, cu, max_seqlen, 0.125, causal, p, seed_t)[0]
+    y = [t.clone().requires_grad_(True) for t in (x[0].detach(), k, v)]
+    ref, _ = attention_varlen_ref(*y, cu, 0.125, causal, dropout_masks=masks, dropout_p=p)
+    torch.testing.assert_close(out, ref)
+    dout = torch.randn_like(out)
+    for a, c in zip(torch.autograd.grad(out, x, dout), torch.autograd.grad(ref, y, dout)):
+        torch.testing.assert_close(a, c)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -29,14 +29,18 @@ With Z = keep / (1 - p) (the dropout multiplier), P~ = P * Z, out = P~ V:
 
 Dropout convention (reproduced bit for bit by the C++ CPU kernel, csrc/cpu/attention.cpp):
     seed s: int64 tensor (1,) on the device, read in the kernel (no host sync), 0 <= s < 2^62.
-    For sequence b, head h (H heads), local query i and local key j:
-        philox key (seed)     = s + b * H + h                 (int64)
-        philox counter c0     = i * max_seqlen + j            (int32; max_seqlen^2 < 2^31),
+    For sequence b, head h (H heads), local query i and local key j, with W = ceil(max_seqlen / 4):
+        philox key (seed)     = s + b * H + h                 (int64: k0 low, k1 high 32 bits)
+        philox counter c0     = i * W + (j >> 2)              (int32, < max_seqlen * W <= 2^31),
                                 c1 = c2 = c3 = 0
-        r = tl.rand(seed, c0)  = Philox4x32-10 output word 0, as int32, x < 0 -> ~x,
-                                 times 4.6566127342e-10 in float32
-        keep iff r >= float32(dropout_p); kept probabilities times float32(1 / (1 - dropout_p))
-                                 (0 when dropout_p == 1).
+        (w0, w1, w2, w3)      = Philox4x32-10(key, counter) = tl.randint4x(key, c0)
+        word                  = w[j & 3]: one Philox call serves 4 consecutive keys of a query
+        r = word as int32, x < 0 -> ~x, times 4.6566127342e-10 in float32 (tl.rand's mapping)
+        keep iff r >= float32(dropout_p) (compared in integers: dropout_threshold(p));
+                                 kept probabilities times float32(1 / (1 - dropout_p))
+                                 (0 when dropout_p == 1: r < 1 keeps nothing; p == 0 keeps all).
+    The counters stay below 2^31 when max_seqlen * ceil(max_seqlen / 4) <= 2^31, i.e.
+    max_seqlen <= 92680; the operator checks the stricter max_seqlen^2 < 2^31 (max_seqlen <= 46340).
 
 Ragged tails need no special lengths: rows past the end of a sequence, and columns past
 HEAD_DIM when it is not a power of two (BLOCK_D is the next one), are masked on load (zero
@@ -60,23 +64,30 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # log(x) == log2(x) * LN2
 # and sm_90 (H100), per head-dim class: BLOCK_D <= 64 and BLOCK_D == 128. The class decides
 # what fits in registers: the fp32 accumulators alone are BLOCK x BLOCK_D. Every tile here
 # compiles without a register spill for every head dim of its class, fp16 and bf16, causal and
-# dropout on or off, on both archs (tests/test_attention_aot.py). The small-BLOCK_M tiles are
-# for short BERT sequences, whose ragged last block is mostly idle rows in a big tile.
+# dropout on or off, on both archs (tests/test_attention_aot.py), and none duplicates work:
+# the warps tile the rows of every matmul exactly (rows = BLOCK_M, BLOCK_N in dK/dV), i.e.
+# rows >= 16 * num_warps (sm_80 mma.sync) and rows >= 64 per warpgroup of 4 warps (sm_90
+# wgmma); tests/test_gpu_model.py counts the MMA instructions of each loop to check it. The
+# small tiles are for short BERT sequences, whose ragged last block is mostly idle rows in a
+# big tile; 3-stage tiles are there for Hopper's deeper pipelines where they fit both archs.
 # ------------------------------------------------------------------------------------------
 FWD_TILES = {
-    64: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
-    128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    128: [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
 }
 # dK/dV holds K, V and the fp32 dK, dV accumulators of its BLOCK_N keys for the whole loop:
-# the tightest fit, hence the smaller tiles at BLOCK_D = 128.
+# the tightest fit: at BLOCK_D = 128 one tile, (16, 128, 8, 3), is the only one found that
+# fits both archs without a spill (2 stages spill 32 bytes on sm_80 when causal) and without
+# duplicated work (BLOCK_N = 32 or 64 duplicates on sm_80 or spills); short sequences pay
+# for its 128 keys. A per-arch table would give Hopper smaller tiles.
 DKDV_TILES = {
-    64: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
-    128: [(32, 64, 8, 3), (16, 64, 8, 2), (16, 32, 4, 2)],
+    64: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 64, 4, 2)],
+    128: [(16, 128, 8, 3)],
 }
 # dQ holds Q, dO and the fp32 dQ accumulator of its BLOCK_M queries.
 DQ_TILES = {
-    64: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
-    128: [(64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+    64: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    128: [(64, 32, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
 }
 # fp32 inputs (for checking, not the training path) have operands twice as wide, and their dots
 # run as 3xTF32 by default (two extra products per dot for fp32 accuracy): small tiles of their
@@ -133,8 +144,12 @@ DKDV_CONFIGS = _configs([INTERPRET_DKDV_TILE] if _INTERPRET else _tiles_of(DKDV_
 DQ_CONFIGS = _configs([INTERPRET_DQ_TILE] if _INTERPRET else _tiles_of(DQ_TILES, DQ_TILES_FP32))
 
 # Retune per power-of-two bucket of max_seqlen, not per exact value: varlen batches change
-# max_seqlen every step. The dtype of the tensor arguments is part of the key automatically.
-AUTOTUNE_KEY = ["max_seqlen_bucket", "HEAD_DIM", "CAUSAL", "DROPOUT"]
+# max_seqlen every step. grid_bucket is the power-of-two bucket of B * H (capped at
+# GRID_BUCKET_CAP): with few sequences x heads the grid is short of CTAs for the GPU's SMs and
+# smaller tiles win; past the cap every tile fills the GPU. The dtype of the tensor arguments
+# is part of the key automatically.
+AUTOTUNE_KEY = ["max_seqlen_bucket", "grid_bucket", "HEAD_DIM", "CAUSAL", "DROPOUT"]
+GRID_BUCKET_CAP = 512
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,17 +184,86 @@ def _load_vec(ptrs, rows, seqlen, MASK_ROWS: tl.constexpr):
     return vec
 
 
-@triton.jit
-def _dropout_keep(philox_seed, query_rows, key_cols, max_seqlen, dropout_p):
-    """True where the attention probability (query i, key j) survives dropout.
+def dropout_threshold(dropout_p):
+    """The integer form of the dropout test, for the kernels: the smallest x in [0, 2^31) with
+    float32(x) * 2^-31 >= float32(dropout_p) (x a folded Philox word, float32(x) * 2^-31 its
+    tl.rand uniform), so that ``x >= threshold`` keeps exactly what ``uniform >= dropout_p``
+    keeps. float32(x) is monotonic in x: a bisection finds it. dropout_p in [0, 1]."""
+    import numpy as np
 
-    query_rows / key_cols are local indices, already broadcastable to the tile's shape (the
-    backward's dK/dV kernel works on transposed tiles). The counter i * max_seqlen + j is unique
-    per (i, j) within one (sequence, head), whose Philox key is philox_seed: the forward and both
-    backward kernels regenerate exactly the same mask from it, without storing it.
+    target = np.float32(dropout_p)
+    lo, hi = 0, 2**31 - 1  # float32(2^31 - 1) * 2^-31 == 1.0 >= any dropout_p <= 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if np.float32(mid) * np.float32(2.0**-31) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@triton.jit
+def _dropout_uniform_keep(word, dropout_threshold):
+    """keep = (tl.rand's uniform of one Philox output word >= dropout_p), compared in integers:
+    x = the word as int32 with negatives folded (~x), and dropout_threshold the smallest x whose
+    uniform float32(x) * 2^-31 reaches dropout_p (the launcher's dropout_threshold(p)). The same
+    bits as the float compare, without an int-to-float conversion (a quarter-rate instruction,
+    on the pipe exp2 needs) and a multiply per element."""
+    x = word.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, -x - 1, x)
+    return x >= dropout_threshold
+
+
+@triton.jit
+def _dropout_keep(philox_seed, rows, col_start, max_seqlen, dropout_threshold,
+                  BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Keep mask of the tile (query rows) x (keys col_start + [0, BLOCK_N)): True where the
+    attention probability (query i, key j) survives dropout. Shape (len(rows), BLOCK_N), or
+    (BLOCK_N, len(rows)) when TRANSPOSED (the dK/dV kernel's keys-down tiles), holding the same
+    function of (i, j). col_start is a multiple of 4 (of BLOCK_N).
+
+    One Philox4x32-10 call per 4 consecutive keys (see the module docstring): counter
+    i * W + (j >> 2) with W = ceil(max_seqlen / 4), output word j & 3. The counters are unique
+    per (i, j >> 2) within one (sequence, head), whose Philox key is philox_seed: the forward
+    and both backward kernels regenerate exactly the same mask from it, without storing it.
+    The words are compared first and the booleans interleaved (cheaper to move than words).
     """
-    counter = query_rows * max_seqlen + key_cols
-    return tl.rand(philox_seed, counter) >= dropout_p
+    W = (max_seqlen + 3) >> 2
+    groups = (col_start >> 2) + tl.arange(0, BLOCK_N // 4)
+    if TRANSPOSED:
+        counter = rows[None, :] * W + groups[:, None]  # (BLOCK_N / 4, M)
+    else:
+        counter = rows[:, None] * W + groups[None, :]  # (M, BLOCK_N / 4)
+    w0, w1, w2, w3 = tl.randint4x(philox_seed, counter)
+    k0 = _dropout_uniform_keep(w0, dropout_threshold)
+    k1 = _dropout_uniform_keep(w1, dropout_threshold)
+    k2 = _dropout_uniform_keep(w2, dropout_threshold)
+    k3 = _dropout_uniform_keep(w3, dropout_threshold)
+    keep = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # keep[..., a, b] = k{2a + b}: word j & 3
+    if TRANSPOSED:
+        keep = tl.permute(keep, (0, 2, 3, 1))  # (BLOCK_N / 4, 2, 2, M)
+        keep = tl.reshape(keep, (BLOCK_N, rows.shape[0]))
+    else:
+        keep = tl.reshape(keep, (rows.shape[0], BLOCK_N))
+    return keep
+
+
+@triton.jit
+def _dropout_keep_pairs(philox_seed, rows, col_start, max_seqlen, dropout_threshold, BLOCK_N: tl.constexpr):
+    """_dropout_keep(..., TRANSPOSED=False), the same mask computed per pair of keys: the
+    Philox call of keys 4g .. 4g + 3 is evaluated for pair (4g, 4g + 1) (words 0, 1) and again
+    for pair (4g + 2, 4g + 3) (words 2, 3). Twice the Philox work, but the MMA accumulator
+    layout holds 2 adjacent keys per thread, so nothing moves between threads: no shared-memory
+    round trip, and fewer live registers (the dQ kernel's D = 128 tiles spill otherwise).
+    """
+    W = (max_seqlen + 3) >> 2
+    pairs = (col_start >> 1) + tl.arange(0, BLOCK_N // 2)  # j >> 1
+    counter = rows[:, None] * W + (pairs >> 1)[None, :]
+    w0, w1, w2, w3 = tl.randint4x(philox_seed, counter)
+    odd = (pairs & 1)[None, :] == 1
+    keep_even = _dropout_uniform_keep(tl.where(odd, w2, w0), dropout_threshold)  # key 2 * pair
+    keep_odd = _dropout_uniform_keep(tl.where(odd, w3, w1), dropout_threshold)  # key 2 * pair + 1
+    return tl.reshape(tl.join(keep_even, keep_odd), (rows.shape[0], BLOCK_N))
 
 
 # ------------------------------------------------------------------------------------------
@@ -188,7 +272,7 @@ def _dropout_keep(philox_seed, query_rows, key_cols, max_seqlen, dropout_p):
 @triton.jit
 def _attention_fwd_inner(acc, l_i, m_i, q, K_seq, V_seq, stride_kt, stride_vt,
                          offs_m, offs_n, offs_d, key_lo, key_hi, seqlen, qk_scale,
-                         philox_seed, max_seqlen, dropout_p,
+                         philox_seed, max_seqlen, dropout_threshold,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
@@ -221,7 +305,7 @@ def _attention_fwd_inner(acc, l_i, m_i, q, K_seq, V_seq, stride_kt, stride_vt,
         # The normalizer sums the probabilities before dropout: dropout acts on softmax output.
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(philox_seed, offs_m[:, None], cols[None, :], max_seqlen, dropout_p)
+            keep = _dropout_keep(philox_seed, offs_m, start_n, max_seqlen, dropout_threshold, BLOCK_N, False)
             p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) factor is applied once, at the end
         v = _load_rows(V_seq + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :],
                        cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
@@ -239,8 +323,8 @@ def attention_fwd(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_tokens,  # T: the row stride of LSE, which is (H, T)
     num_heads, max_seqlen,
-    max_seqlen_bucket,  # autotune key only
-    sm_scale, dropout_p, dropout_scale,
+    max_seqlen_bucket, grid_bucket,  # autotune key only
+    sm_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -290,11 +374,11 @@ def attention_fwd(
     full_end = (full_hi // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, K_seq, V_seq, stride_kt, stride_vt, offs_m, offs_n, offs_d,
-        0, full_end, seqlen, qk_scale, philox_seed, max_seqlen, dropout_p,
+        0, full_end, seqlen, qk_scale, philox_seed, max_seqlen, dropout_threshold,
         HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, DROPOUT, False, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, K_seq, V_seq, stride_kt, stride_vt, offs_m, offs_n, offs_d,
-        full_end, key_hi, seqlen, qk_scale, philox_seed, max_seqlen, dropout_p,
+        full_end, key_hi, seqlen, qk_scale, philox_seed, max_seqlen, dropout_threshold,
         HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, DROPOUT, True, DOT_PRECISION)
 
     # Every real query row sees at least key 0, so l_i > 0 there.
@@ -338,9 +422,9 @@ def attention_delta_bwd(
 
 @triton.jit
 def _attention_dkdv_bwd_inner(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq,
-                              stride_qt, stride_dot, offs_n, offs_m, offs_d,
+                              stride_qt, stride_dot, offs_n, key_start, offs_m, offs_d,
                               query_lo, query_hi, seqlen, qk_scale,
-                              philox_seed, max_seqlen, dropout_p, dropout_scale,
+                              philox_seed, max_seqlen, dropout_threshold, dropout_scale,
                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                               DOT_PRECISION: tl.constexpr):
@@ -348,6 +432,7 @@ def _attention_dkdv_bwd_inner(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq,
 
     Works on transposed tiles (keys down, queries across) so that dV += P~^T dO and
     dK += dS^T Q are plain dots without transposing the (BLOCK_N, BLOCK_M) probability tile.
+    offs_n = key_start + [0, BLOCK_N) are the block's local key indices.
     """
     for start_m in range(query_lo, query_hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -364,11 +449,15 @@ def _attention_dkdv_bwd_inner(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq,
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= rows[None, :])
             p_t = tl.where(visible, p_t, 0.0)
+        if DROPOUT:
+            # Placed here (between the two dots), the mask's Philox and shuffle fit in the
+            # registers of every tile: at the loop top or after dO V^T, some spill (ptxas, AOT).
+            keep = _dropout_keep(philox_seed, rows, key_start, max_seqlen, dropout_threshold,
+                                 offs_n.shape[0], True)
         do = _load_rows(DO_seq + rows64[:, None] * stride_dot + offs_d[None, :],
                         rows, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
         if DROPOUT:
-            keep = _dropout_keep(philox_seed, rows[None, :], offs_n[:, None], max_seqlen, dropout_p)
             pdrop_t = tl.where(keep, p_t * dropout_scale, 0.0)
             dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
         else:
@@ -388,8 +477,8 @@ def attention_dkdv_bwd(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     total_tokens, num_heads, max_seqlen,
-    max_seqlen_bucket,  # autotune key only
-    sm_scale, dropout_p, dropout_scale,
+    max_seqlen_bucket, grid_bucket,  # autotune key only
+    sm_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -443,18 +532,18 @@ def attention_dkdv_bwd(
     full_end = tl.maximum((seqlen // BLOCK_M) * BLOCK_M, diag_end)
     dk, dv = _attention_dkdv_bwd_inner(
         dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, stride_qt, stride_dot,
-        offs_n, offs_m, offs_d, query_lo, tl.minimum(diag_end, seqlen), seqlen, qk_scale,
-        philox_seed, max_seqlen, dropout_p, dropout_scale,
+        offs_n, start_n, offs_m, offs_d, query_lo, tl.minimum(diag_end, seqlen), seqlen, qk_scale,
+        philox_seed, max_seqlen, dropout_threshold, dropout_scale,
         HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, DROPOUT, True, DOT_PRECISION)
     dk, dv = _attention_dkdv_bwd_inner(
         dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, stride_qt, stride_dot,
-        offs_n, offs_m, offs_d, diag_end, full_end, seqlen, qk_scale,
-        philox_seed, max_seqlen, dropout_p, dropout_scale,
+        offs_n, start_n, offs_m, offs_d, diag_end, full_end, seqlen, qk_scale,
+        philox_seed, max_seqlen, dropout_threshold, dropout_scale,
         HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, DROPOUT, False, DOT_PRECISION)
     dk, dv = _attention_dkdv_bwd_inner(
         dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, stride_qt, stride_dot,
-        offs_n, offs_m, offs_d, full_end, seqlen, seqlen, qk_scale,
-        philox_seed, max_seqlen, dropout_p, dropout_scale,
+        offs_n, start_n, offs_m, offs_d, full_end, seqlen, seqlen, qk_scale,
+        philox_seed, max_seqlen, dropout_threshold, dropout_scale,
         HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, DROPOUT, True, DOT_PRECISION)
 
     dk = dk * sm_scale  # S = scale * Q K^T: the chain rule's scale, applied once
@@ -468,7 +557,7 @@ def attention_dkdv_bwd(
 @triton.jit
 def _attention_dq_bwd_inner(dq, q, do, lse2, delta, K_seq, V_seq, stride_kt, stride_vt,
                             offs_m, offs_n, offs_d, key_lo, key_hi, seqlen, qk_scale,
-                            philox_seed, max_seqlen, dropout_p, dropout_scale,
+                            philox_seed, max_seqlen, dropout_threshold, dropout_scale,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                             CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                             DOT_PRECISION: tl.constexpr):
@@ -481,6 +570,12 @@ def _attention_dq_bwd_inner(dq, q, do, lse2, delta, K_seq, V_seq, stride_kt, str
                        cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_rows(V_seq + cols64[:, None] * stride_vt + offs_d[None, :],
                        cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if DROPOUT:
+            if BLOCK_D > 64 and q.dtype != tl.float32:
+                # Register-bound (q, dO and dQ of 128 columns): the shuffle-free form, drawn
+                # before the dots (after dO V^T the (64, 32, 4, 3) tile spills on sm_90; fp32
+                # inputs spill less with the other form, after dO V^T).
+                keep = _dropout_keep_pairs(philox_seed, offs_m, start_n, max_seqlen, dropout_threshold, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -490,7 +585,8 @@ def _attention_dq_bwd_inner(dq, q, do, lse2, delta, K_seq, V_seq, stride_kt, str
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(philox_seed, offs_m[:, None], cols[None, :], max_seqlen, dropout_p)
+            if BLOCK_D <= 64 or q.dtype == tl.float32:
+                keep = _dropout_keep(philox_seed, offs_m, start_n, max_seqlen, dropout_threshold, BLOCK_N, False)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -505,8 +601,8 @@ def attention_dq_bwd(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     total_tokens, num_heads, max_seqlen,
-    max_seqlen_bucket,  # autotune key only
-    sm_scale, dropout_p, dropout_scale,
+    max_seqlen_bucket, grid_bucket,  # autotune key only
+    sm_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -556,11 +652,11 @@ def attention_dq_bwd(
     full_end = (full_hi // BLOCK_N) * BLOCK_N
     dq = _attention_dq_bwd_inner(
         dq, q, do, lse2, delta, K_seq, V_seq, stride_kt, stride_vt, offs_m, offs_n, offs_d,
-        0, full_end, seqlen, qk_scale, philox_seed, max_seqlen, dropout_p, dropout_scale,
+        0, full_end, seqlen, qk_scale, philox_seed, max_seqlen, dropout_threshold, dropout_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, DROPOUT, False, DOT_PRECISION)
     dq = _attention_dq_bwd_inner(
         dq, q, do, lse2, delta, K_seq, V_seq, stride_kt, stride_vt, offs_m, offs_n, offs_d,
-        full_end, key_hi, seqlen, qk_scale, philox_seed, max_seqlen, dropout_p, dropout_scale,
+        full_end, key_hi, seqlen, qk_scale, philox_seed, max_seqlen, dropout_threshold, dropout_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, DROPOUT, True, DOT_PRECISION)
 
     dq = dq * sm_scale

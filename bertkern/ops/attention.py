@@ -191,7 +191,7 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, 
 
 @torch.library.register_fake("bertkern::_philox_uniform")
 def _philox_uniform_fake(seed, offsets):
-    return offsets.new_empty(offsets.shape, dtype=torch.float32)
+    return offsets.new_empty((*offsets.shape, 4), dtype=torch.float32)  # the 4 words' uniforms
 
 
 def _setup_context(ctx, inputs, output):

@@ -51,6 +51,13 @@ def _seqlen_bucket(max_seqlen):
     return triton.next_power_of_2(max_seqlen) if isinstance(max_seqlen, int) else max_seqlen
 
 
+def _grid_bucket(batch, heads):
+    # Autotune key: the power-of-two bucket of B * H, capped (see kernels.AUTOTUNE_KEY).
+    if isinstance(batch, int) and isinstance(heads, int):
+        return min(triton.next_power_of_2(max(batch * heads, 1)), kernels.GRID_BUCKET_CAP)
+    return kernels.GRID_BUCKET_CAP  # symbolic under torch.compile: one key
+
+
 def _is_empty(*sizes) -> bool:
     # True only when some size is known to be 0; an unknown (symbolic) size launches the
     # kernels, whose grids are then empty at run time if it is 0.
@@ -147,12 +154,12 @@ def _last_dim_contiguous(t):
 
 
 def _dropout_args(dropout_p, dropout_seed, cu_seqlens):
-    """(dropout_p, 1 / (1 - dropout_p), seed tensor, DROPOUT) for the kernels."""
+    """(integer keep threshold, 1 / (1 - dropout_p), seed tensor, DROPOUT) for the kernels."""
     if dropout_p > 0.0:
         dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-        return float(dropout_p), dropout_scale, dropout_seed, True
+        return kernels.dropout_threshold(float(dropout_p)), dropout_scale, dropout_seed, True
     # DROPOUT=False compiles the seed load away; any pointer will do.
-    return 0.0, 1.0, cu_seqlens, False
+    return 0, 1.0, cu_seqlens, False
 
 
 # The schemas are spelled out (rather than inferred from the annotations) to name the outputs
@@ -201,7 +208,7 @@ def attention_triton_fwd(
     wrap_triton(kernels.attention_fwd)[grid](
         q, k, v, out, lse, cu_seqlens, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        total, heads, max_seqlen, _seqlen_bucket(max_seqlen),
+        total, heads, max_seqlen, _seqlen_bucket(max_seqlen), _grid_bucket(batch, heads),
         float(scale), p, dropout_scale,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal),
         DROPOUT=use_dropout, DOT_PRECISION=_dot_precision(q.dtype),
@@ -250,6 +257,7 @@ def attention_triton_bwd(
     p, dropout_scale, seed, use_dropout = _dropout_args(dropout_p, dropout_seed, cu_seqlens)
     block_d = _block_d(head_dim)
     bucket = _seqlen_bucket(max_seqlen)
+    grid_bucket = _grid_bucket(batch, heads)
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), DROPOUT=use_dropout,
                  DOT_PRECISION=_dot_precision(q.dtype))
 
@@ -265,7 +273,7 @@ def attention_triton_bwd(
     wrap_triton(kernels.attention_dkdv_bwd)[grid_keys](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        total, heads, max_seqlen, bucket, float(scale), p, dropout_scale, **flags,
+        total, heads, max_seqlen, bucket, grid_bucket, float(scale), p, dropout_scale, **flags,
     )
 
     def grid_queries(meta):
@@ -274,7 +282,7 @@ def attention_triton_bwd(
     wrap_triton(kernels.attention_dq_bwd)[grid_queries](
         q, k, v, dout, lse, delta, dq, cu_seqlens, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        total, heads, max_seqlen, bucket, float(scale), p, dropout_scale, **flags,
+        total, heads, max_seqlen, bucket, grid_bucket, float(scale), p, dropout_scale, **flags,
     )
     return dq, dk, dv
 

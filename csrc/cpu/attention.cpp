@@ -31,16 +31,20 @@
 // back (lse stays float32). All accumulation is float32 (float64 for float64).
 //
 // Dropout (dropout_p > 0) must match the Triton kernel bit for bit, so the keep mask is defined
-// by Triton's tl.rand, reproduced exactly below (philox_first_word, uint_to_uniform_float):
+// as the Triton kernel's (bertkern/kernels/attention.py, "Dropout convention"), reproduced
+// exactly below (philox_uniform_block, uint_to_uniform_float):
 //   key     = dropout_seed[0] + b * H + h                        (uint64; b sequence, h head)
-//   counter = (uint32)(i * max_seqlen + j), c1 = c2 = c3 = 0     (int32 arithmetic, wraps;
+//   W       = ceil(max_seqlen / 4)
+//   counter = (uint32)(i * W + (j >> 2)), c1 = c2 = c3 = 0       (int32 arithmetic, wraps;
 //                                                                  i, j local query / key index)
-//   r       = tl.rand(key, counter): first word of Philox4x32-10 with k0 = low 32 bits of key,
-//             k1 = high 32 bits, mapped to [0, 1) by uint_to_uniform_float
+//   word    = output word (j & 3) of Philox4x32-10 with k0 = low 32 bits of key, k1 = high 32
+//             bits (one Philox call serves 4 consecutive keys), mapped to r in [0, 1) by
+//             uint_to_uniform_float (Triton's tl.rand mapping)
 //   keep    = r >= (float)dropout_p;  P_drop = keep ? P / (1 - dropout_p) : 0.
 // The test-only operator bertkern::_philox_uniform(int seed, Tensor offsets) -> Tensor, defined
-// at the end of this file, returns r for int32 counters so that tests can compare with Triton
-// (run under TRITON_INTERPRET=1) and rebuild the mask of a reference implementation.
+// at the end of this file, returns the four r of each int32 counter (shape offsets.shape + (4,))
+// so that tests can compare with Triton (run under TRITON_INTERPRET=1) and rebuild the mask of
+// a reference implementation.
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -90,16 +94,10 @@ namespace bertkern {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Dropout RNG: Triton's tl.rand (triton/language/random.py: philox_impl, philox, randint,
-// uint_to_uniform_float) for an int32 offset, i.e. counter (offset, 0, 0, 0), 10 rounds.
+// Dropout RNG: Triton's tl.randint4x (triton/language/random.py: philox_impl, philox) for an
+// int32 counter, i.e. counter (c, 0, 0, 0), 10 rounds, all four words used, each mapped to
+// [0, 1) as tl.rand does (uint_to_uniform_float).
 // ---------------------------------------------------------------------------------------------
-
-// First output word of Philox4x32-10 for counter (counter, 0, 0, 0) and key (k0, k1).
-BK_ALWAYS_INLINE uint32_t philox_first_word(uint32_t counter, uint32_t key0, uint32_t key1) {
-  uint32_t w0, w1, w2, w3;
-  philox4x32_10(counter, key0, key1, w0, w1, w2, w3);
-  return w0;
-}
 
 // Triton's uint_to_uniform_float for 32-bit words: reinterpret as int32, fold negatives with ~x,
 // convert to float32 (round to nearest) and multiply by the float32 constant. In [0, 1).
@@ -109,8 +107,27 @@ BK_ALWAYS_INLINE float uint_to_uniform_float(uint32_t word) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-BK_ALWAYS_INLINE float philox_uniform(uint32_t counter, uint32_t k0, uint32_t k1) {
-  return uint_to_uniform_float(philox_first_word(counter, k0, k1));
+// Philox calls per block of uniforms; 4 uniforms (keys) per call.
+constexpr int64_t kRngLanes = 16;
+constexpr int64_t kRngBlock = 4 * kRngLanes;
+
+// r[4 l + w] = uniform of word w of Philox4x32-10 at counter (counter0 + l, 0, 0, 0), key
+// (k0, k1), for l < lanes <= kRngLanes: the uniforms of keys 4 g .. 4 g + 3 of a query row whose
+// first group is g = counter0 - row counter. The rounds run across l (vectorized); the words are
+// then converted and interleaved into key order.
+BK_ALWAYS_INLINE void philox_uniform_block(uint32_t counter0, int64_t lanes, uint32_t k0, uint32_t k1,
+                                           float* __restrict r) {
+  alignas(64) uint32_t w[4][kRngLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < lanes; ++l) {
+    philox4x32_10(counter0 + static_cast<uint32_t>(l), k0, k1, w[0][l], w[1][l], w[2][l], w[3][l]);
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    r[4 * l + 0] = uint_to_uniform_float(w[0][l]);
+    r[4 * l + 1] = uint_to_uniform_float(w[1][l]);
+    r[4 * l + 2] = uint_to_uniform_float(w[2][l]);
+    r[4 * l + 3] = uint_to_uniform_float(w[3][l]);
+  }
 }
 
 // Dropout of one (sequence, head): Philox key and counter stride, fixed per task.
@@ -119,9 +136,10 @@ struct DropoutRng {
   float p = 0.f;          // compared in float32, as the Triton kernel does
   double inv_keep = 1.0;  // 1 / (1 - p)
   uint32_t k0 = 0, k1 = 0;
-  uint32_t max_seqlen = 0;
-  // Counter of (query i, key 0); key j adds j. Unsigned wraparound == int32 wraparound.
-  uint32_t row_counter(int64_t i) const { return static_cast<uint32_t>(i) * max_seqlen; }
+  uint32_t groups_per_row = 0;  // W = ceil(max_seqlen / 4)
+  // Counter of (query i, keys 0..3); keys 4 g .. 4 g + 3 add g. Unsigned wraparound == int32
+  // wraparound.
+  uint32_t row_counter(int64_t i) const { return static_cast<uint32_t>(i) * groups_per_row; }
 };
 
 DropoutRng make_dropout_rng(double p, uint64_t seed, int64_t max_seqlen, int64_t b, int64_t H,
@@ -135,7 +153,7 @@ DropoutRng make_dropout_rng(double p, uint64_t seed, int64_t max_seqlen, int64_t
                        static_cast<uint64_t>(h);
   d.k0 = static_cast<uint32_t>(key & 0xffffffffu);
   d.k1 = static_cast<uint32_t>(key >> 32);
-  d.max_seqlen = static_cast<uint32_t>(max_seqlen);
+  d.groups_per_row = static_cast<uint32_t>((max_seqlen + 3) / 4);
   return d;
 }
 
@@ -226,17 +244,21 @@ BK_ALWAYS_INLINE T softmax_row(T* __restrict x, int64_t valid, int64_t n) {
   return mx + std::log(sum);
 }
 
-// In place on P: x[j] <- keep(j) ? x[j] / (1 - p) : 0 for j in [0, valid).
+// y[j] = keep(j) ? x[j] / (1 - p) : 0 for j in [0, valid), row counter counter0; y may be x.
 template <typename T>
-BK_ALWAYS_INLINE void dropout_row(T* __restrict x, int64_t valid, uint32_t counter0,
+BK_ALWAYS_INLINE void dropout_row(const T* x, T* y, int64_t valid, uint32_t counter0,
                                   const DropoutRng& d) {
   const uint32_t k0 = d.k0, k1 = d.k1;
   const float p = d.p;
   const T inv_keep = static_cast<T>(d.inv_keep);
+  alignas(64) float r[kRngBlock];
+  for (int64_t j0 = 0; j0 < valid; j0 += kRngBlock) {
+    const int64_t m = std::min(kRngBlock, valid - j0);
+    philox_uniform_block(counter0 + static_cast<uint32_t>(j0 / 4), (m + 3) / 4, k0, k1, r);
+    const T* xb = x + j0;
+    T* yb = y + j0;
 #pragma omp simd
-  for (int64_t j = 0; j < valid; ++j) {
-    const float r = philox_uniform(counter0 + static_cast<uint32_t>(j), k0, k1);
-    x[j] = r >= p ? x[j] * inv_keep : T(0);
+    for (int64_t j = 0; j < m; ++j) yb[j] = r[j] >= p ? xb[j] * inv_keep : T(0);
   }
 }
 
@@ -249,7 +271,7 @@ BK_ALWAYS_INLINE void fwd_block_body(T* __restrict s, int64_t M, int64_t n, int6
     T* x = s + r * n;
     const int64_t valid = causal ? std::min(n, row0 + r + 1) : n;
     lse[r] = softmax_row<T>(x, valid, n);
-    if (d.on) dropout_row<T>(x, valid, d.row_counter(row0 + r), d);
+    if (d.on) dropout_row<T>(x, x, valid, d.row_counter(row0 + r), d);
   }
 }
 
@@ -268,14 +290,7 @@ BK_ALWAYS_INLINE void bwd_probs_body(T* __restrict s, T* __restrict pd, int64_t 
     for (int64_t j = valid; j < n; ++j) x[j] = 0;
     if (d.on) {
       T* y = pd + r * n;
-      const uint32_t counter0 = d.row_counter(row0 + r), k0 = d.k0, k1 = d.k1;
-      const float p = d.p;
-      const T inv_keep = static_cast<T>(d.inv_keep);
-#pragma omp simd
-      for (int64_t j = 0; j < valid; ++j) {
-        const float u = philox_uniform(counter0 + static_cast<uint32_t>(j), k0, k1);
-        y[j] = u >= p ? x[j] * inv_keep : T(0);
-      }
+      dropout_row<T>(x, y, valid, d.row_counter(row0 + r), d);
       for (int64_t j = valid; j < n; ++j) y[j] = 0;
     }
   }
@@ -335,10 +350,12 @@ BK_MULTIVERSION void bwd_ds(float* dp, const float* p, const float* pd, int64_t 
 void bwd_ds(double* dp, const double* p, const double* pd, int64_t M, int64_t n) {
   bwd_ds_body<double>(dp, p, pd, M, n);
 }
+// out[4 i + w] = uniform of word w at counter offsets[i].
 BK_MULTIVERSION void philox_uniform_n(const int32_t* offsets, float* out, int64_t n, uint32_t k0,
                                       uint32_t k1) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = philox_uniform(static_cast<uint32_t>(offsets[i]), k0, k1);
+  for (int64_t i = 0; i < n; ++i) {
+    philox_uniform_block(static_cast<uint32_t>(offsets[i]), 1, k0, k1, out + 4 * i);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -789,14 +806,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Test-only: the dropout uniforms. r[i] = tl.rand(seed, offsets[i]) for int32 offsets.
+// Test-only: the dropout uniforms. r[..., w] = uniform of word w of tl.randint4x(seed, offsets)
+// for int32 offsets; shape offsets.shape + (4,).
 // ---------------------------------------------------------------------------------------------
 
 at::Tensor philox_uniform_cpu(int64_t seed, const at::Tensor& offsets_in) {
   TORCH_CHECK_TYPE(offsets_in.scalar_type() == at::kInt,
                    "_philox_uniform: offsets must be int32, got dtype ", offsets_in.scalar_type());
   const at::Tensor offsets = offsets_in.contiguous();
-  at::Tensor r = at::empty(offsets.sizes(), offsets.options().dtype(at::kFloat));
+  std::vector<int64_t> shape(offsets.sizes().begin(), offsets.sizes().end());
+  shape.push_back(4);
+  at::Tensor r = at::empty(shape, offsets.options().dtype(at::kFloat));
   const uint64_t key = static_cast<uint64_t>(seed);
   philox_uniform_n(offsets.const_data_ptr<int32_t>(), r.data_ptr<float>(), offsets.numel(),
                    static_cast<uint32_t>(key & 0xffffffffu), static_cast<uint32_t>(key >> 32));
@@ -806,8 +826,9 @@ at::Tensor philox_uniform_cpu(int64_t seed, const at::Tensor& offsets_in) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bertkern, m) {
-  // Test-only, CPU: the dropout uniforms of the attention kernels, r = tl.rand(seed, offsets)
-  // (Triton's Philox4x32-10, first word, uint_to_uniform_float). offsets int32 -> float32.
+  // Test-only, CPU: the dropout uniforms of the attention kernels: the four words of Triton's
+  // Philox4x32-10 (tl.randint4x(seed, offsets)), each through uint_to_uniform_float.
+  // offsets int32 -> float32 of shape offsets.shape + (4,).
   m.def("_philox_uniform(int seed, Tensor offsets) -> Tensor");
 }
 

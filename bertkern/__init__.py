@@ -18,6 +18,4 @@ __all__ = ["hf", "ops", "Encoder", "EncoderLayer", "LayerNorm", "BertModel", "Be
 
 def cuda_kernels_built() -> bool:
     """True when this build of bertkern._C contains the CUDA kernels."""
-    import torch
-
     return torch._C._dispatch_has_kernel_for_dispatch_key("bertkern::layer_norm_fwd", "CUDA")

@@ -1,0 +1,323 @@
+"""The static GPU cost model (bertkern.bench.gpu_model, bertkern.bench.sass), no GPU needed.
+
+* The SASS parser on synthetic listings and on a small real Triton kernel with a known loop (the
+  counted loop body carries exactly the MMA FLOPs of the dot in the loop, on sm_80 and sm_90).
+* Properties of every attention tile the launchers can pick (non-causal, head dims 64 and 128,
+  dropout on and off, fp16; BERTKERN_AOT_FULL=1 adds bf16): zero spills, and no duplicated
+  matmul work (MMA FLOPs issued per main-loop iteration == the minimum for the tile).
+* The modeled cost of dropout: fwd+bwd with p = 0.1 within 15% of p = 0.
+* The FlashAttention-2 anchor: torch's libtorch_cuda.so has the FA2 kernels the model compares
+  against, and their SASS parses (1.00 matmul duplication: FA2 issues exactly its tile's work).
+
+Compiles are cached under ~/.cache/bertkern/gpu_model, keyed by the kernel source, so only the
+first run after a kernel change pays them (about 2 minutes on 2 cores for the default set).
+"""
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from bertkern.bench import gpu_model, sass
+
+pytestmark = pytest.mark.aot
+
+FULL = os.environ.get("BERTKERN_AOT_FULL") == "1"
+DTYPES = ("fp16", "bf16") if FULL else ("fp16",)
+ARCHS = (80, 90)
+SPECS = [s for s in gpu_model.triton_specs(ARCHS, DTYPES) if s[0] != "attention_delta_bwd"]
+
+
+def _spec_id(spec):
+    name, arch, dtype, d, _causal, dropout, tile = spec
+    return f"{name.removeprefix('attention_')}-sm{arch}-{dtype}-d{d}-{'drop' if dropout else 'nodrop'}-" \
+           f"{'x'.join(map(str, tile))}"
+
+
+# ------------------------------------------------------------------------------------------
+# The parser
+# ------------------------------------------------------------------------------------------
+_LISTING = """
+	code for sm_80
+		Function : toy
+	.headerflags	@"EF_CUDA_SM80"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x0 */
+        /*0010*/                   IMAD.MOV.U32 R2, RZ, RZ, RZ ;          /* 0x0 */
+        /*0020*/                   LDG.E.128 R4, [R2.64] ;                /* 0x0 */
+        /*0030*/                   HMMA.16816.F32 R8, R4, R6, R8 ;        /* 0x0 */
+        /*0040*/                   MUFU.EX2 R9, R9 ;                      /* 0x0 */
+        /*0050*/                   FFMA R10, R9, R9, R10 ;                /* 0x0 */
+        /*0060*/                   LDSM.16.M88.4 R12, [R3] ;              /* 0x0 */
+        /*0070*/                   ISETP.GE.AND P0, PT, R2, 0x10, PT ;    /* 0x0 */
+        /*0080*/               @!P0 BRA 0x20 ;                            /* 0x0 */
+        /*0090*/                   STG.E [R2.64], R10 ;                   /* 0x0 */
+        /*00a0*/                   EXIT ;                                 /* 0x0 */
+        /*00b0*/                   BRA 0xb0;                              /* 0x0 */
+"""
+
+
+def test_parse_synthetic_listing():
+    (fn,) = sass.parse_sass(_LISTING)
+    assert (fn.name, fn.arch, len(fn.instrs)) == ("toy", "sm_80", 12)
+    assert fn.instrs[8].predicated and fn.instrs[8].base == "BRA"
+    loops = sass.find_loops(fn.instrs)
+    assert (2, 8) in loops and (11, 11) in loops  # the loop, and the trailing self-branch
+    report = sass.analyse(fn)
+    assert report.main_range == (2, 8)
+    m = report.main
+    assert m.instructions == 7 and m.mma_count == 1 and m.mma_flops == 2 * 16 * 8 * 16
+    assert m.per_pipe == dict(tensor=1, mufu=1, fp32=1, int=1, memory=2, other=1)
+    assert m.lsu_bytes == 32 * 16 + 512  # LDG.128 + LDSM .4 (four 8x8 16-bit matrices)
+
+
+def test_classify_and_mma_shapes():
+    assert sass.classify("HGMMA.64x128x16.F32.BF16") == "tensor"
+    assert sass.classify("MUFU.EX2") == "mufu"
+    assert sass.classify("F2FP.F16.F32.PACK_AB") == "fp32"
+    assert sass.classify("LOP3.LUT") == "int" and sass.classify("UIADD3") == "int"
+    assert sass.classify("LDGSTS.E.BYPASS.128") == "memory"
+    assert sass.classify("BAR.SYNC") == "other"
+    flops = sass.mma_flops
+    assert flops(sass.Instr(0, "HMMA.16816.F32.BF16", "")) == 4096
+    assert flops(sass.Instr(0, "HMMA.1688.F32.TF32", "")) == 2048
+    # a warpgroup-wide m64n128k16, a quarter per warp
+    assert flops(sass.Instr(0, "HGMMA.64x128x16.F32", "")) == 2 * 64 * 128 * 16 // 4
+
+
+def _toy_kernel():
+    import triton.language as tl
+
+    @triton.jit
+    def toy_loop_dot(A, B, C, n_iters, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        a = tl.load(A + offs[:, None] * BLOCK + offs[None, :])
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for i in range(n_iters):
+            b = tl.load(B + i * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :])
+            acc = tl.dot(a, b, acc)  # one BLOCK^3 dot per iteration
+        tl.store(C + offs[:, None] * BLOCK + offs[None, :], acc)
+
+    return toy_loop_dot
+
+
+def _compile_toy(arch):
+    from bertkern.kernels import aot
+
+    fn = _toy_kernel()
+    r = aot.compile_triton(fn, {"A": "*fp16", "B": "*fp16", "C": "*fp32", "n_iters": "i32", "BLOCK": "constexpr"},
+                           {"BLOCK": 64}, arch, 4, 2, divisible=(0, 1, 2), expected_name="toy_loop_dot")
+    return r, sass.disassemble_cubin(r["cubin"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loop_of_a_real_kernel_has_the_dots_mma_flops(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a cold cache: ptxas runs, logs
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    r, listing = _compile_toy(arch)
+    (fn,) = [f for f in sass.parse_sass(listing) if f.name == "toy_loop_dot"]
+    report = sass.analyse(fn)
+    assert report.main is not None, "no loop found"
+    # 4 warps together issue exactly one 64 x 64 x 64 dot per iteration
+    assert report.main.mma_flops * r["num_warps"] == 2 * 64 ** 3
+    expected = "HGMMA" if arch == 90 else "HMMA"
+    assert expected in report.main.opcodes
+
+
+# ------------------------------------------------------------------------------------------
+# Properties of every tile
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_data():
+    data = gpu_model.collect(ARCHS, quick=not FULL, log=print)
+    assert not data["errors"], data["errors"]
+    return data
+
+
+@pytest.fixture(scope="module")
+def model_rows(model_data):
+    return {(r["kernel"], r["arch"], r["dtype"], r["head_dim"], r["dropout"], tuple(r["tile"])): r
+            for r in gpu_model.build(model_data)["kernels"] if r["impl"] == "bertkern"}
+
+
+def _row(model_rows, spec):
+    name, arch, dtype, d, _causal, dropout, tile = spec
+    return model_rows[(name, arch, dtype, d, dropout, tuple(tile[:3]))]
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("spec", SPECS, ids=_spec_id)
+def test_zero_spills(spec, model_rows):
+    row = _row(model_rows, spec)
+    assert row["spill_stores"] == 0, f"{row['regs']} registers, {row['spill_stores']} bytes of spill stores"
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("spec", SPECS, ids=_spec_id)
+def test_no_duplicated_matmul_work(spec, model_rows):
+    """MMA FLOPs per main-loop iteration (all warps) == matmuls x 2 * BLOCK_M * BLOCK_N * BLOCK_D:
+    no warp recomputes another's part of a dot (Triton replicates when a tile has fewer rows /
+    columns than its warps cover)."""
+    row = _row(model_rows, spec)
+    assert row["mma_loops"] >= 1
+    assert row["mma_flops_per_iter"] == row["min_flops_per_iter"], (
+        f"tile {row['tile']} issues {row['duplication']:.2f}x the minimum MMA work per iteration")
+
+
+# Issue 13's goal, not met where marked: one Philox4x32-10 call feeds 4 score elements (32-bit
+# words, exact keep probability), which still costs ~24 INT instructions per element in the
+# loops (Philox's 10 rounds of two wide multiplies), against ~10 instructions of math; FA2
+# feeds 16 elements a call with 8-bit thresholds (p rounded to 1/256). strict: a change that
+# meets the goal turns these into failures, to be unmarked.
+_DROPOUT_GOAL_NOT_MET = pytest.mark.xfail(strict=True, reason=(
+    "goal not met (model, 2026-12-03): fwd+bwd with dropout 0.1 is 1.37x (A100 D64), 3.3x "
+    "(H100 D64), 2.4x (H100 D128) the time without; the Philox work per element bounds the loops"))
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("head_dim,gpu", [
+    pytest.param(d, gpu_model.GPU_OF_ARCH[a], id=f"{d}-{gpu_model.GPU_OF_ARCH[a]}",
+                 marks=[] if (d, a) == (128, 80) else [_DROPOUT_GOAL_NOT_MET])
+    for d in gpu_model.HEAD_DIMS for a in ARCHS])
+def test_dropout_costs_less_than_15_percent(gpu, head_dim, model_data):
+    """Modeled fwd+bwd time (autotune's pick each way) with dropout 0.1 / without <= 1.15."""
+    slow = gpu_model.attention_summary(model_data["kernels"], model_data["fa2"], gpu, head_dim, "fp16", 0.1)
+    fast = gpu_model.attention_summary(model_data["kernels"], model_data["fa2"], gpu, head_dim, "fp16", 0.0)
+    ratio = (slow["bertkern"]["fwd_s"] + slow["bertkern"]["bwd_s"]) / \
+        (fast["bertkern"]["fwd_s"] + fast["bertkern"]["bwd_s"])
+    fa2 = ""
+    if "fa2" in slow and "fa2" in fast:
+        fa2 = f" (FA2: {(slow['fa2']['fwd_s'] + slow['fa2']['bwd_s']) / (fast['fa2']['fwd_s'] + fast['fa2']['bwd_s']):.2f})"
+    print(f"{gpu} D={head_dim}: dropout 0.1 / none, modeled fwd+bwd time {ratio:.2f}{fa2}")
+    assert ratio <= 1.15, f"modeled fwd+bwd with dropout 0.1 is {ratio:.2f}x the time without{fa2}"
+
+
+def test_report_headings_say_model(model_data):
+    result = gpu_model.build(model_data)
+    result["dropout_ratios"] = gpu_model.dropout_ratios(result)
+    text = gpu_model.render(result)
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings and all("model" in h.lower() for h in headings), headings
+    assert result["summary"], "no BERT-shape summary"
+
+
+# ------------------------------------------------------------------------------------------
+# The FlashAttention-2 anchor
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ("fa2_fwd", "fa2_bwd"))
+@pytest.mark.parametrize("head_dim", gpu_model.HEAD_DIMS)
+@pytest.mark.parametrize("dropout", (False, True))
+def test_fa2_anchor_found_and_parsed(arch, kind, head_dim, dropout):
+    if gpu_model.libtorch_cuda() is None:
+        pytest.skip("torch has no libtorch_cuda.so (a CPU-only torch): no FA2 anchor")
+    if not gpu_model.fa2_index(arch):
+        pytest.skip(f"libtorch_cuda.so has no FlashAttention-2 cubin for sm_{arch}")
+    k = gpu_model.fa2_kernel(kind, arch, "fp16", head_dim, dropout)
+    assert k is not None, f"FA2 {kind} D={head_dim} dropout={dropout} (FA2_PLAN's tile) not in libtorch_cuda.so"
+    row = k.row(gpu_model.HW[gpu_model.GPU_OF_ARCH[arch]])
+    assert row["loop_mma"] > 0 and row["mma_loops"] >= 1
+    assert row["duplication"] == 1.0  # FA2 issues exactly its tile's matmuls
+
+
+def test_hmma_sensitivity_is_monotonic(model_data):
+    """Charging mma.sync at the full tensor peak can only speed kernels up."""
+    rows = gpu_model.hmma_sensitivity(model_data)
+    if 90 not in ARCHS or not rows:
+        pytest.skip("no sm_90 rows with an FA2 anchor")
+    for r in rows:
+        assert r["fa2_fwdbwd_tflops_full"] >= r["fa2_fwdbwd_tflops"] * (1 - 1e-9), r
+        assert r["bertkern_fwdbwd_tflops_full"] >= r["bertkern_fwdbwd_tflops"] * (1 - 1e-9), r
+
+
+# ------------------------------------------------------------------------------------------
+# The memory-bound CUDA kernels: the Python mirror of csrc/cuda's launch plans, the cubins
+# ------------------------------------------------------------------------------------------
+_PLANS_CU = r"""
+#include <cstdio>
+
+#include "cuda/layer_norm_launch.cuh"
+#include "cuda/padding_launch.cuh"
+
+using namespace bertkern::cuda;
+
+int main() {
+  const long long ms[] = {1, 3, 1000, 16384, 100000, 3000000};
+  const long long ns[] = {1, 6, 8, 100, 256, 512, 768, 1000, 1024, 1032, 2048, 4096, 5000, 8192,
+                          12288, 16384, 20000, 32768, 65536};
+  for (long long m : ms)
+    for (long long n : ns)
+      for (int elem : {2, 4}) {
+        const LayerNormPlan f = layer_norm_fwd_plan(m, n, elem, true);
+        std::printf("fwd %lld %lld %d %d %d %d %d %d %lld\n", m, n, elem, int(f.registers), f.vec, f.iters,
+                    f.threads_x, f.rows_y, (long long)f.blocks);
+        const LayerNormPlan b = layer_norm_bwd_plan(m, n, elem, true, true);
+        std::printf("bwd %lld %lld %d %d %d %d %d %d %lld %lld %lld %lld %lld\n", m, n, elem, int(b.registers),
+                    b.vec, b.iters, b.threads_x, b.rows_y, (long long)b.blocks, (long long)b.n_partials,
+                    (long long)b.loop_dwdb.col_tiles, (long long)b.loop_dwdb.n_chunks,
+                    (long long)b.loop_dwdb.rows_per_chunk);
+      }
+  for (long long rows : {1LL, 100LL, 16384LL, 10000000LL})
+    for (long long packs : {1LL, 48LL, 64LL, 100LL, 1000LL}) {
+      const RowCopyPlan p = row_copy_plan(rows, packs);
+      std::printf("copy %lld %lld %d %d %lld\n", rows, packs, p.threads_x, p.rows_y, (long long)p.blocks);
+    }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def nvcc():
+    path = gpu_model.nvcc_path()
+    if path is None or gpu_model.csrc_dir() is None:
+        pytest.skip("needs nvcc and the csrc/ of a source checkout")
+    return path
+
+
+def test_cuda_plans_match_cpp(nvcc, tmp_path):
+    """cuda_plan's mirror (layer_norm_fwd_plan, layer_norm_bwd_plan, row_copy_plan) == the C++."""
+    import subprocess
+
+    src, exe = tmp_path / "plans.cu", tmp_path / "plans"
+    src.write_text(_PLANS_CU)
+    subprocess.run([nvcc, "-std=c++20", "-I", gpu_model.csrc_dir(), "-o", str(exe), str(src)], check=True,
+                   capture_output=True, timeout=600)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout
+    checked = 0
+    for line in out.splitlines():
+        kind, *v = line.split()
+        v = [int(x) for x in v]
+        if kind == "fwd":
+            m, n, elem = v[:3]
+            p = gpu_model.layer_norm_fwd_plan(m, n, elem)
+            got = [int(p["registers"]), p["vec"], p["iters"], p["threads_x"], p["rows_y"], p["blocks"]]
+        elif kind == "bwd":
+            m, n, elem = v[:3]
+            p = gpu_model.layer_norm_bwd_plan(m, n, elem)
+            d = p["loop_dwdb"] or dict(col_tiles=0, n_chunks=0, rows_per_chunk=0)
+            got = [int(p["registers"]), p["vec"], p["iters"], p["threads_x"], p["rows_y"], p["blocks"],
+                   p["n_partials"], d["col_tiles"], d["n_chunks"], d["rows_per_chunk"]]
+        else:
+            rows, packs = v[:2]
+            p = gpu_model.row_copy_plan(rows, packs)
+            got = [p["threads_x"], p["rows_y"], p["blocks"]]
+        n_key = 3 if kind in ("fwd", "bwd") else 2
+        assert got == v[n_key:], f"{line}: python {got}"
+        checked += 1
+    assert checked > 400
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cubin_has_every_kernel_the_plans_pick(nvcc, arch):
+    """The generated instantiations compile without torch, and every launch of every modeled
+    op (table grid and benchmark cases) finds its kernel's SASS."""
+    kernels, source = gpu_model.cuda_kernels(arch)
+    assert source["kind"] == "nvcc", source
+    ops = [op for dtype in ("fp16", "bf16", "fp32") for n in gpu_model.MEMORY_NS + (1000, 20000)
+           for rows in gpu_model.MEMORY_ROWS for op in gpu_model.memory_ops(rows, n, dtype)]
+    missing = {launch["key"] for _, launches, _ in ops for launch in launches} - set(kernels)
+    assert not missing, missing
+    preds = gpu_model.memory_predictions({arch: kernels}, (arch,))
+    assert len(preds) == len(gpu_model.GPUS_OF_ARCH[arch]) * (
+        3 * len(gpu_model.BENCH_LAYER_NORM_SHAPES) + 2 * len(gpu_model.BENCH_PADDING_SHAPES))
+    assert all(0 < p["hbm_fraction"] <= 1.0 + 1e-9 for p in preds), preds

@@ -553,8 +553,9 @@ LN_REG_ITERS = {1: (1, 2, 4, 8, 16), 4: (1, 2, 3, 4, 6, 8), 8: (1, 2, 3, 4)}  # 
 LN_FWD_MAX_ELEMS, LN_BWD_MAX_ELEMS, LN_BWD_MAX_SCALAR_ELEMS = 32, 16, 8
 LN_MULTI_ROW_MAX_N, LN_MAX_MULTI_ROW_THREADS = 1024, 64
 LN_FWD_BLOCK_THREADS, LN_BWD_BLOCK_THREADS, LN_MAX_ROW_THREADS = 128, 256, 512
-LN_MAX_ROW_BLOCKS, LN_BWD_THREADS_IN_FLIGHT = 65536, 65536
+LN_MAX_ROW_BLOCKS, LN_BWD_SMS, LN_BWD_THREADS_PER_SM = 65536, 132, 3 * LN_BWD_BLOCK_THREADS
 LN_COL_TILE, LN_ROW_THREADS, LN_FINAL_THREADS = 32, 8, 256
+LN_REDUCE_ROW_THREADS = 32  # kReduceRowThreads: the partial-row reduction's block is 32 x 32
 ROW_COPY_THREADS, MAX_PADDING_BLOCKS, INDEX_THREADS = 256, 65536, 256
 _ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -627,7 +628,7 @@ def layer_norm_bwd_plan(m, n, elem, aligned=True, dwdb=True):
                                LN_BWD_BLOCK_THREADS)
     plan.update(dwdb=dwdb, n_partials=0, loop_dwdb=None)
     if plan["registers"]:
-        cap = max(1, LN_BWD_THREADS_IN_FLIGHT // (plan["threads_x"] * plan["rows_y"]))
+        cap = LN_BWD_SMS * max(1, LN_BWD_THREADS_PER_SM // (plan["threads_x"] * plan["rows_y"]))
         plan["blocks"] = min(plan["blocks"], cap)
         plan["n_partials"] = plan["blocks"]
     else:
@@ -687,11 +688,11 @@ def layer_norm_bwd_launches(m, n, dtype, dresidual=False):
                        plan["threads_x"] * plan["rows_y"], plan["iters"], vec * elem,
                        m * (reads + row + 8) + row + partials, m * (reads + row + 8 + row) + partials,
                        _cdiv(m, plan["rows_y"]), 1)
-        # Each reduce thread walks n_partials / kRowThreads partial rows (4 in flight assumed).
+        # Each reduce thread walks n_partials / kReduceRowThreads partial rows (4 in flight assumed).
         reduce = _launch(("layer_norm_bwd_partials_reduce_kernel", dtype, ()), _cdiv(n, LN_COL_TILE),
-                         LN_COL_TILE * LN_ROW_THREADS, _cdiv(plan["n_partials"], LN_ROW_THREADS), 4,
+                         LN_COL_TILE * LN_REDUCE_ROW_THREADS, _cdiv(plan["n_partials"], LN_REDUCE_ROW_THREADS), 4,
                          partials + 2 * n * elem, partials + 2 * n * elem, _cdiv(n, LN_COL_TILE),
-                         max(1, _cdiv(plan["n_partials"], 4 * LN_ROW_THREADS)))
+                         max(1, _cdiv(plan["n_partials"], 4 * LN_REDUCE_ROW_THREADS)))
         return [main, reduce], min_bytes
     threads = plan["threads_x"]
     dz = _launch(("layer_norm_bwd_dz_kernel", dtype, (vec,)), plan["blocks"], threads, _cdiv(n // vec, threads),

@@ -4,6 +4,15 @@
 
 #include <cstdint>
 
+// A kernel's register cap: __maxnreg__(n) (nvcc 12.4+); older nvcc falls back to
+// __launch_bounds__(512, 1) (<= 128 registers); the host emulation ignores both.
+#if defined(__CUDACC__) && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define BERTKERN_MAXNREG(n) __maxnreg__(n)
+#else
+#define BERTKERN_MAXNREG(n) __launch_bounds__(512, 1)
+#endif
+
 namespace bertkern {
 namespace cuda {
 

@@ -23,8 +23,15 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "cuda/common.cuh"
+
+// Storage types with a bit-level float conversion (pack_float); declared only, never used whole.
+namespace c10 {
+struct BFloat16;
+}  // namespace c10
+struct __nv_bfloat16;
 
 namespace bertkern {
 namespace cuda {
@@ -34,11 +41,48 @@ namespace cuda {
 // partial-row reduction (layer_norm_bwd_partials_reduce_kernel): kColTile columns x kRowThreads.
 constexpr int kColTile = 32;
 constexpr int kRowThreads = 8;
+// The partial-row reduction's rows of threads (block kColTile x kReduceRowThreads): each
+// thread walks n_partials / kReduceRowThreads partial rows (a few hundred partial rows: ~12).
+constexpr int kReduceRowThreads = 32;
 
-// Register path: at most this many threads per block (__launch_bounds__: <= 128 registers),
+// Register path: at most this many threads per block (register caps <= 128: fwd_reg_cap),
 // and at most kMaxMultiRowThreads threads per row when a block holds several rows.
 constexpr int kMaxRegRowThreads = 512;
 constexpr int kMaxMultiRowThreads = 64;
+
+
+// Element j of a pack as float. bf16 packs are unpacked a 32-bit word at a time (the low
+// element shifted into a float's upper half, the high one masked): exact, one instruction an
+// element, and on sm_90 it keeps ptxas from holding a float copy of every element of the row
+// (the element-wise c10::BFloat16 conversion took the forward <8, 4> kernel to 116 registers
+// against fp16's 72). Other types: static_cast.
+template <typename T>
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<c10::BFloat16> {
+  static constexpr bool value = true;
+};
+template <>
+struct IsBf16<__nv_bfloat16> {
+  static constexpr bool value = true;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ float pack_float(const Pack<T, VEC>& p, int j) {
+  if constexpr (IsBf16<T>::value && VEC % 2 == 0) {
+    static_assert(sizeof(T) == 2, "bf16 storage is 16 bits");
+    uint32_t word;
+    memcpy(&word, reinterpret_cast<const char*>(&p) + 4 * (j / 2), 4);
+    const uint32_t bits = (j % 2) ? (word & 0xffff0000u) : (word << 16);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+  } else {
+    return static_cast<float>(p.v[j]);
+  }
+}
 
 // ---- Device code -------------------------------------------------------------------------
 
@@ -319,6 +363,24 @@ __global__ void layer_norm_bwd_dwdb_final_kernel(const float* __restrict__ parti
   if (dbias) dbias[col] = static_cast<T>(db);
 }
 
+// Register caps of the register-path kernels (BERTKERN_MAXNREG: __maxnreg__, in place of
+// __launch_bounds__(kMaxRegRowThreads, 1), which allowed 128 for every shape; the two cannot be
+// combined). A block of up to kMaxRegRowThreads threads still fits an SM (cap * 512 <= 65536),
+// and the shapes that hold a small slice of a row per thread get a lower cap so more blocks are
+// resident: forward 56 (9 blocks of 128 threads an SM) or 64 (8), backward 80 (3 blocks of
+// 256). Chosen from ptxas -v on sm_80 / sm_90: zero spills for every instantiated shape
+// (tests/test_aot_cuda.py and tests/test_gpu_model.py check).
+template <typename T, int VEC, int ITERS>
+constexpr int fwd_reg_cap() {
+  constexpr int bytes = ITERS * VEC * static_cast<int>(sizeof(T));
+  if (VEC == 1) return ITERS <= 4 ? 56 : ITERS <= 8 ? 64 : 128;
+  return bytes <= 48 ? 56 : bytes <= 64 ? 64 : 128;
+}
+template <typename T, int VEC, int ITERS>
+constexpr int bwd_reg_cap() {
+  return (VEC == 1 || ITERS * VEC * static_cast<int>(sizeof(T)) <= 32) ? 80 : 128;
+}
+
 // ---- Register path -----------------------------------------------------------------------
 
 // Sum of v over the threads of one row, in a fixed order (identical in every thread of the
@@ -367,7 +429,7 @@ __device__ __forceinline__ int reg_pack(int i) { return i * static_cast<int>(blo
 // Requires n_packs = N / VEC <= ITERS * blockDim.x, N % VEC == 0 and, when VEC > 1, every
 // pointer 16-byte aligned (the plan checks). Rows are grid-strided in groups of blockDim.y.
 template <typename T, int VEC, int ITERS>
-__global__ void __launch_bounds__(kMaxRegRowThreads, 1)
+__global__ void BERTKERN_MAXNREG((fwd_reg_cap<T, VEC, ITERS>()))
     layer_norm_fwd_reg_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                               const T* __restrict__ weight, const T* __restrict__ bias,
                               T* __restrict__ y, T* __restrict__ residual_out,
@@ -406,7 +468,7 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
         if (reg_pack(i) < lim) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j)
-            zv[i].v[j] = static_cast<T>(static_cast<float>(zv[i].v[j]) + static_cast<float>(rv[i].v[j]));
+            zv[i].v[j] = static_cast<T>(pack_float(zv[i], j) + pack_float(rv[i], j));
         }
       }
       if (residual_out) {
@@ -423,7 +485,7 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
     for (int i = 0; i < ITERS; ++i) {
       if (reg_pack(i) < lim) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) sum += static_cast<float>(zv[i].v[j]);
+        for (int j = 0; j < VEC; ++j) sum += pack_float(zv[i], j);
       }
     }
     const float mean = row_sum(sum, scratch[0]) * inv_n;
@@ -433,7 +495,7 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
       if (reg_pack(i) < lim) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float d = static_cast<float>(zv[i].v[j]) - mean;
+          const float d = pack_float(zv[i], j) - mean;
           sq += d * d;
         }
       }
@@ -457,9 +519,9 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
         if (bias) bv = b_vec[p];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          float o = (static_cast<float>(zv[i].v[j]) - mean) * rstd;
-          if (weight) o *= static_cast<float>(wv.v[j]);
-          if (bias) o += static_cast<float>(bv.v[j]);
+          float o = (pack_float(zv[i], j) - mean) * rstd;
+          if (weight) o *= pack_float(wv, j);
+          if (bias) o += pack_float(bv, j);
           out.v[j] = static_cast<T>(o);
         }
         y_row[p] = out;
@@ -476,10 +538,11 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
 // fixed set for a fixed grid). At the end the blockDim.y rows of threads of a block fold
 // their sums in shared memory in row order, and the block writes partial row blockIdx.x of
 // partial_dw / partial_db ((gridDim.x, N) float each; every column written, no zero-fill).
-// Same shape requirements as the forward. Registers per thread: dy (as T), xhat and the two
-// sums (float); weight is re-read per row and pass (L1 hits).
+// Same shape requirements as the forward. Registers per thread: dy and z (as T; xhat is
+// recomputed in the second pass) and the two sums (float); weight is re-read per row and pass
+// (L1 hits).
 template <typename T, int VEC, int ITERS>
-__global__ void __launch_bounds__(kMaxRegRowThreads, 1)
+__global__ void BERTKERN_MAXNREG((bwd_reg_cap<T, VEC, ITERS>()))
     layer_norm_bwd_reg_kernel(const T* __restrict__ dy, const T* __restrict__ dresidual_out,
                               const T* __restrict__ z, const float* __restrict__ mean_in,
                               const float* __restrict__ rstd_in, const T* __restrict__ weight,
@@ -520,7 +583,6 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
     const float mean = active ? mean_in[row] : 0.f;
     const float rstd = active ? rstd_in[row] : 0.f;
     const P* w_vec = reinterpret_cast<const P*>(opaque(weight));
-    float xhat[ITERS][VEC];
     float2 sums = make_float2(0.f, 0.f);  // (sum g, sum g * xhat)
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
@@ -530,12 +592,12 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
         if (weight) wv = w_vec[p];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float d = static_cast<float>(dyv[i].v[j]);
-          xhat[i][j] = (static_cast<float>(zv[i].v[j]) - mean) * rstd;
-          const float g = weight ? d * static_cast<float>(wv.v[j]) : d;
+          const float d = pack_float(dyv[i], j);
+          const float xhat = (pack_float(zv[i], j) - mean) * rstd;
+          const float g = weight ? d * pack_float(wv, j) : d;
           sums.x += g;
-          sums.y += g * xhat[i][j];
-          acc_dw[i][j] += d * xhat[i][j];
+          sums.y += g * xhat;
+          acc_dw[i][j] += d * xhat;
           acc_db[i][j] += d;
         }
       }
@@ -561,10 +623,12 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
         if (weight) wv = w_vec2[p];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float d = static_cast<float>(dyv[i].v[j]);
-          const float g = weight ? d * static_cast<float>(wv.v[j]) : d;
-          float o = rstd * (g - mean_g - xhat[i][j] * mean_gx);
-          if (dr_row) o += static_cast<float>(drv[i].v[j]);
+          const float d = pack_float(dyv[i], j);
+          const float g = weight ? d * pack_float(wv, j) : d;
+          // xhat again from z (a pack of T, not VEC floats, stays live between the passes).
+          const float xhat = (pack_float(zv[i], j) - mean) * rstd;
+          float o = rstd * (g - mean_g - xhat * mean_gx);
+          if (dr_row) o += pack_float(drv[i], j);
           out.v[j] = static_cast<T>(o);
         }
         dz_row[p] = out;
@@ -620,20 +684,21 @@ __global__ void __launch_bounds__(kMaxRegRowThreads, 1)
 }
 
 // dweight / dbias from n_partials float partial rows ((n_partials, N) each), deterministically:
-// block (kColTile, kRowThreads), grid ceil(N / kColTile). Thread (c, r) sums partial rows
-// r, r + kRowThreads, ... of column c in order; thread (c, 0) then adds the kRowThreads sums in
-// order. Either output may be null.
+// block (kColTile, kReduceRowThreads), grid ceil(N / kColTile). Thread (c, r) sums partial rows
+// r, r + kReduceRowThreads, ... of column c in order; thread (c, 0) then adds the
+// kReduceRowThreads sums in order. Either output may be null.
 template <typename T>
 __global__ void layer_norm_bwd_partials_reduce_kernel(const float* __restrict__ partial_dw,
                                                       const float* __restrict__ partial_db,
                                                       T* __restrict__ dweight, T* __restrict__ dbias,
                                                       int64_t n_partials, int64_t N) {
-  __shared__ float tile_dw[kRowThreads][kColTile];
-  __shared__ float tile_db[kRowThreads][kColTile];
+  __shared__ float tile_dw[kReduceRowThreads][kColTile];
+  __shared__ float tile_db[kReduceRowThreads][kColTile];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
   float dw = 0.f, db = 0.f;
   if (col < N) {
-    for (int64_t r = threadIdx.y; r < n_partials; r += kRowThreads) {
+#pragma unroll 4
+    for (int64_t r = threadIdx.y; r < n_partials; r += kReduceRowThreads) {
       dw += partial_dw[r * N + col];
       db += partial_db[r * N + col];
     }
@@ -643,7 +708,7 @@ __global__ void layer_norm_bwd_partials_reduce_kernel(const float* __restrict__ 
   __syncthreads();
   if (threadIdx.y == 0 && col < N) {
     float sum_dw = 0.f, sum_db = 0.f;
-    for (int r = 0; r < kRowThreads; ++r) {
+    for (int r = 0; r < kReduceRowThreads; ++r) {
       sum_dw += tile_dw[r][threadIdx.x];
       sum_db += tile_db[r][threadIdx.x];
     }

@@ -11,21 +11,22 @@
 // pointer is 16-byte aligned, else 1):
 //   register path: ITERS packs per thread, from the instantiated set RegIters<VEC>, with
 //     ITERS * VEC <= fwd_max_elems(VEC) (32; 16 unvectorized) in the forward and
-//     bwd_max_elems(VEC) (16; 8 unvectorized) in the backward: zero spills under
-//     __launch_bounds__(kMaxRegRowThreads = 512, 1).
+//     bwd_max_elems(VEC) (16; 8 unvectorized) in the backward: zero spills under the register
+//     caps of layer_norm.cuh (fwd_reg_cap / bwd_reg_cap, <= 128: 512 threads a block fit).
 //     * several rows a block, N <= 1024: 32 threads a row if a warp holds the row, else 64;
 //       kFwdBlockThreads (128) / kBwdBlockThreads (256) threads a block; ITERS = the smallest
 //       in the set >= ceil(P / threads a row);
 //     * a block per row otherwise: ITERS = the smallest in the set >= ceil(P / 128) (the
 //       largest if none), threads = ceil(P / ITERS) rounded up to whole warps (<= 512).
 //     Forward grid: one block per group of rows, at most kMaxRowBlocks (grid-stride beyond).
-//     Backward grid: the same, capped at kBwdThreadsInFlight threads in all (fixed for a given
-//     M and N, so the dweight / dbias sums have a fixed order): every block writes one float
+//     Backward grid: the same, capped at the blocks an H100 holds at once (kBwdSMs x
+//     floor(kBwdThreadsPerSM / threads a block); fixed for a given M and N, so the dweight /
+//     dbias sums have a fixed order): every block writes one float
 //     partial row of dweight and of dbias, and layer_norm_bwd_partials_reduce_kernel sums
 //     them in block order.
 //     HBM traffic: forward reads x (+ residual) once and writes y (+ residual_out) once;
 //     backward reads dy, z (+ dresidual_out) once and writes dz once, plus the partial rows
-//     (blocks x N x 8 bytes, written and read once: ~8% of the traffic at M = 8192, N = 768).
+//     (blocks x N x 8 bytes, written and read once: ~6% of the traffic at M = 16384, N = 768).
 //   loop path (rows longer than 512 threads' registers hold: forward N > 16384 (VEC > 1) /
 //     8192 (VEC 1), backward N > 8192 / 4096): a block of layer_norm_threads(P) threads per
 //     row looping over it (the forward reads x twice, the second time mostly from L2), and the
@@ -62,8 +63,8 @@ struct RegIters<8> {
   using type = IntList<1, 2, 3, 4>;
 };
 
-// Row elements per thread held in registers (zero spills under the 128-register cap of
-// __launch_bounds__(kMaxRegRowThreads); scalar elements cost more registers than packed ones).
+// Row elements per thread held in registers (zero spills under the register caps of
+// layer_norm.cuh, at most 128; scalar elements cost more registers than packed ones).
 constexpr int kFwdMaxElems = 32;
 constexpr int kBwdMaxElems = 16;  // backward: dy, z and the dweight / dbias sums
 constexpr int kBwdMaxScalarElems = 8;
@@ -77,8 +78,14 @@ constexpr int kMaxRowThreads = kMaxRegRowThreads;  // register path; the loop pa
 // Row kernels stride over rows; this many blocks keep every SM of an H100 busy many times over.
 constexpr int64_t kMaxRowBlocks = 65536;
 // Backward grid: enough threads to keep HBM busy, few enough that the partial rows stay a few
-// percent of the traffic (each block owns >= M / blocks rows).
-constexpr int64_t kBwdThreadsInFlight = 65536;
+// percent of the traffic (each block owns >= M / blocks rows): the blocks an H100 (kBwdSMs SMs)
+// holds at the backward's register cap (bwd_reg_cap: 80 registers, 25 warps an SM), i.e.
+// kBwdSMs x floor(kBwdThreadsPerSM / threads a block): 3 blocks of 256 threads an SM, 1 of 512.
+// Constants, not read from the device: the grid, hence the order of the dweight / dbias sums,
+// depends on M and N only (the same bits on every GPU).
+constexpr int64_t kBwdSMs = 132;
+constexpr int64_t kBwdThreadsPerSM = 3 * kBwdBlockThreads;  // 768
+constexpr int64_t kBwdThreadsInFlight = kBwdSMs * kBwdThreadsPerSM;  // 101376: the cap's bound
 constexpr int kFinalThreads = 256;  // loop path dweight / dbias stage 2: one thread per column
 
 // Elements per 16-byte access when the row length and every pointer allow it, else 1.
@@ -234,8 +241,9 @@ inline LayerNormPlan layer_norm_bwd_plan(int64_t M, int64_t N, int elem_size, bo
       layer_norm_row_plan(M, N, vec, bwd_max_elems(vec), kBwdBlockThreads, max_blocks);
   plan.dwdb = dwdb;
   if (plan.registers) {
-    int64_t cap = kBwdThreadsInFlight / (static_cast<int64_t>(plan.threads_x) * plan.rows_y);
-    if (cap < 1) cap = 1;
+    int64_t per_sm = kBwdThreadsPerSM / (static_cast<int64_t>(plan.threads_x) * plan.rows_y);
+    if (per_sm < 1) per_sm = 1;
+    const int64_t cap = kBwdSMs * per_sm;
     if (plan.blocks > cap) plan.blocks = cap;
     plan.n_partials = plan.blocks;
     plan.workspace_floats = dwdb ? 2 * plan.n_partials * N : 0;
@@ -300,7 +308,7 @@ void layer_norm_bwd_launch(Launch&& launch, const LayerNormPlan& plan, float* wo
         }
       });
       if (plan.dwdb) {
-        launch(dim3(static_cast<unsigned>(detail::ceil_div(N, kColTile))), dim3(kColTile, kRowThreads),
+        launch(dim3(static_cast<unsigned>(detail::ceil_div(N, kColTile))), dim3(kColTile, kReduceRowThreads),
                layer_norm_bwd_partials_reduce_kernel<T>, static_cast<const float*>(partial_dw),
                static_cast<const float*>(partial_db), dweight, dbias, plan.n_partials, N);
       }

@@ -70,6 +70,54 @@ def test_parse_synthetic_listing():
     assert m.lsu_bytes == 32 * 16 + 512  # LDG.128 + LDSM .4 (four 8x8 16-bit matrices)
 
 
+# A memory kernel: a row loop holding three independent 16-byte loads, then a use of the second
+# (R12..R15: R14 is read), a fourth load, and, inside, an innermost shared-memory fold loop with
+# no global load (what a LayerNorm register kernel's innermost loop is). A 4-byte load of a
+# per-row scalar (not data: another width) sits between the data loads.
+_MEMORY_LISTING = """
+	code for sm_90
+		Function : toy_memory
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD.WIDE R2, R0, 0x10, R2 ;
+        /*0020*/               @P0 LDG.E.128.CONSTANT R8, desc[UR4][R2.64] ;
+        /*0030*/                   IADD3 R4, R0, 0x20, RZ ;
+        /*0040*/               @P1 LDG.E.128.CONSTANT R12, desc[UR4][R2.64+0x200] ;
+        /*0050*/                   LDG.E.CONSTANT R30, desc[UR4][R6.64] ;
+        /*0060*/               @P2 LDG.E.128.CONSTANT R16, desc[UR4][R2.64+0x400] ;
+        /*0070*/                   HADD2.F32 R20, -RZ, R14.H0_H0 ;
+        /*0080*/                   LDG.E.128.CONSTANT R24, desc[UR4][R2.64+0x600] ;
+        /*0090*/                   LDS R21, [R5] ;
+        /*00a0*/                   FADD R22, R21, R22 ;
+        /*00b0*/               @P3 BRA 0x90 ;
+        /*00c0*/                   FADD R23, R30, R8 ;
+        /*00d0*/                   STG.E.128 desc[UR4][R2.64], R8 ;
+        /*00e0*/               @P4 BRA 0x10 ;
+        /*00f0*/                   EXIT ;
+"""
+
+
+def test_memory_main_synthetic_listing():
+    """The data loads' loop is the main loop (not the innermost LDS fold loop); the batch stops
+    at the first instruction reading a register a counted load writes (R14 of R12..R15)."""
+    (fn,) = sass.parse_sass(_MEMORY_LISTING)
+    report = sass.analyse(fn)
+    assert report.main_range == (9, 11) and "LDG" not in report.main.opcodes  # the fold loop
+    mem = sass.memory_main(fn, 16)
+    assert mem.main_range == (1, 14) and mem.data_width == 16
+    assert mem.first_batch == (2, 4, 6) and mem.loads_in_flight == 3  # not 4: R14 is read first
+    assert sass.load_destinations(fn.instrs[4]) == {12, 13, 14, 15}
+    # width 4: the scalar load is the data; its first use is the FADD after the fold loop, but
+    # the fold loop's closing branch ends the straight run first
+    assert sass.memory_main(fn, 4).first_batch == (5,)
+    # a 64-bit load writes two registers; a use of the second stops the count
+    (fn,) = sass.parse_sass(_MEMORY_LISTING.replace("LDG.E.128.CONSTANT R8,", "LDG.E.64 R8,")
+                            .replace("R14.H0_H0", "R9.H0_H0"))
+    assert sass.load_destinations(fn.instrs[2]) == {8, 9}
+    # 16-byte data: R9 is not theirs, the run goes on to the fold loop's branch
+    assert sass.memory_main(fn, 16).first_batch == (4, 6, 8)
+    assert sass.memory_main(fn, 8).first_batch == (2,)
+
+
 def test_classify_and_mma_shapes():
     assert sass.classify("HGMMA.64x128x16.F32.BF16") == "tensor"
     assert sass.classify("MUFU.EX2") == "mufu"
@@ -321,3 +369,25 @@ def test_cubin_has_every_kernel_the_plans_pick(nvcc, arch):
     assert len(preds) == len(gpu_model.GPUS_OF_ARCH[arch]) * (
         3 * len(gpu_model.BENCH_LAYER_NORM_SHAPES) + 2 * len(gpu_model.BENCH_PADDING_SHAPES))
     assert all(0 < p["hbm_fraction"] <= 1.0 + 1e-9 for p in preds), preds
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_norm_loads_in_flight(nvcc, arch):
+    """The loads in flight per thread the memory model reads from the real LayerNorm register
+    kernels (checked by hand against the SASS): the forward <fp16, 8, 3> issues its 3 x loads
+    before the first use (the runtime ``if (residual)`` loads come after a branch, and the SASS
+    unpacks x before it: they are not overlapped with x), the backward <fp16, 8, 2> its 2 dy and
+    2 z loads (the 4-byte mean / rstd loads are not data). The function's innermost loop, the
+    shared-memory fold, holds no global load."""
+    kernels, _ = gpu_model.cuda_kernels(arch)
+    for key, want in ((("layer_norm_fwd_reg_kernel", "fp16", (8, 3)), 3),
+                      (("layer_norm_bwd_reg_kernel", "fp16", (8, 2)), 4)):
+        fn = kernels[key]["function"]
+        assert "LDG" not in sass.analyse(fn).main.opcodes
+        mem = sass.memory_main(fn, 16)
+        assert mem.loads_in_flight == want, (key, mem.first_batch)
+        assert all(fn.instrs[i].opcode.startswith("LDG.E.128") for i in mem.first_batch)
+    m, n = 16384, 768
+    fwd = gpu_model.memory_op_model("fwd", *gpu_model.layer_norm_fwd_launches(m, n, "fp16"), kernels,
+                                    gpu_model.GPU_OF_ARCH[arch], dtype="fp16", n=n, rows=m)
+    assert fwd["kernels"][0]["loads_in_flight"] == 3

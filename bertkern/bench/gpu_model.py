@@ -54,10 +54,22 @@ An op (LayerNorm forward / backward, unpad's gather, pad) is the launches bertke
 one after the other; a launch costs max(HBM bytes / bandwidth, Little's law bound, issue bound,
 dependent chain), and the op is reported as the fraction of HBM bandwidth its *minimum* bytes
 achieve (min bytes / time / BW):
+* The main loop of a memory kernel (sass.memory_main) is the loop that holds its data loads:
+  the global loads (LDG) of the launch's access width, each counted in its innermost enclosing
+  loop, the loop with the most of them (the function body for a loop-free kernel). Not the
+  function's innermost loop: in the LayerNorm register kernels that is the shared-memory fold of
+  per-warp partial sums (row_sum), with no global load at all.
+* Loads in flight per thread: the data LDGs issued back to back, from the main loop's first,
+  before the first instruction that names a register one of them writes (R4 of LDG.E.128 is
+  R4..R7) or the first branch: the memory-level parallelism of the first batch. Assumed: the
+  loads of that batch are in flight together, later batches do not overlap it. So weight / bias
+  loads issued after the reduction (L1 / L2 hits) do not count, nor do the LayerNorm forward's
+  residual loads (behind the runtime ``if (residual)`` branch; the SASS unpacks x before it, so
+  x and residual are not in flight together), nor narrower loads (mean / rstd, row indices).
 * Little's law: bytes in flight = resident CTAs (occupancy, or the grid when smaller) x threads
-  x loads in flight per thread (LDGs in the kernel's main loop body, capped by the packs each
-  thread has) x the access width; sustained rate = bytes in flight / MEMORY_LATENCY_NS.
-* Issue: warp-instructions per byte moved by the main loops' loads/stores, times the bytes the
+  x loads in flight per thread (above, capped by 3x the packs each thread has) x the access
+  width; sustained rate = bytes in flight / MEMORY_LATENCY_NS.
+* Issue: warp-instructions per byte moved by the main loop's loads/stores, times the bytes the
   kernel touches (including L1 / L2 re-reads, e.g. weight and bias per row), over the issue
   rate of the SMs the grid occupies.
 * Dependent chain: the work items (rows, row groups) the resident CTAs run one after another,
@@ -893,7 +905,7 @@ def _cuda_functions(text, usage, source, when):
         key = (m.group(1), _CUDA_DTYPE.get(args[0], args[0]), ints)
         u = usage.get(f.name, {})
         found.setdefault(key, dict(regs=u.get("REG", 0), smem=u.get("SHARED", 0), spills=u.get("LOCAL", 0),
-                                   report=sass.analyse(f), name=dem, source=source, source_mtime=when))
+                                   report=sass.analyse(f), function=f, name=dem, source=source, source_mtime=when))
     return found
 
 
@@ -966,16 +978,14 @@ def memory_launch_model(launch, info, gpu):
     ctas_sm, _ = occupancy(info["regs"], info["smem"], launch["threads"], hw)
     ctas_sm = max(1, ctas_sm)
     resident = min(launch["grid"], hw["sms"] * ctas_sm)
-    rep = info["report"]
-    loops = [m for _, m in rep.loops if m.per_pipe["memory"]] or [rep.total]
-    main = max(loops, key=lambda m: m.lsu_bytes)
-    ldg = main.opcodes.get("LDG", 0) or 1
-    in_flight = min(ldg, max(1, launch["packs_per_thread"] * 3))
+    # the loop holding the data loads (of the launch's access width) and their first batch
+    mem = sass.memory_main(info["function"], launch["vec_bytes"])
+    in_flight = min(mem.loads_in_flight, max(1, launch["packs_per_thread"] * 3))
     bytes_in_flight = resident * launch["threads"] * in_flight * launch["vec_bytes"]
     bw = hw["hbm_tbs"] * 1e12
     t_bw = launch["hbm_bytes"] / bw
     t_lat = launch["hbm_bytes"] / (bytes_in_flight / (MEMORY_LATENCY_NS * 1e-9))
-    instr_per_byte = sum(m.instructions for m in loops) / max(1, sum(m.lsu_bytes for m in loops))
+    instr_per_byte = mem.main.instructions / max(1, mem.main.lsu_bytes)
     active_sms = min(hw["sms"], launch["grid"])
     t_issue = launch["touched_bytes"] * instr_per_byte / (hw["issue"] * active_sms * hw["clock_ghz"] * 1e9)
     # The dependent chain: the work items (of all CTAs) the resident CTAs run one after another,

@@ -319,3 +319,115 @@ def analyse(function):
         in_loop.update(range(a, b + 1))
     outside = mix([ins for i, ins in enumerate(instrs) if i not in in_loop])
     return LoopReport(main, main_range, outside, mixes, mix(instrs))
+
+
+# ------------------------------------------------------------------------------------------
+# Memory-bound kernels: the loads each thread has in flight
+# ------------------------------------------------------------------------------------------
+_REG = re.compile(r"(?<![\w.])R(\d+)(\.64|\.128)?")
+# Control flow ends a straight run of loads: what follows may be on a path not taken.
+_CONTROL = ("BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT", "BREAK", "BSYNC", "KILL")
+
+
+def access_width(ins):
+    """Bytes one thread's memory instruction moves (16 for .128, 8 for .64, 2 / 1 for 16 / 8-bit,
+    else 4)."""
+    for suffix, width in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if suffix in ins.opcode:
+            return width
+    return 4
+
+
+def registers(ins):
+    """Every general register an instruction names (read or written); a ``R4.64`` address names
+    R4 and R5, and the data register of a 64 / 128-bit memory op the 2 / 4 that follow it."""
+    regs = set()
+    names = list(_REG.finditer(ins.operands))
+    for m in names:
+        r = int(m.group(1))
+        regs.update(range(r, r + (2 if m.group(2) == ".64" else 4 if m.group(2) == ".128" else 1)))
+    if classify(ins.opcode) == "memory" and names:
+        # the data register: the destination of a load (first operand), the value of a store (last)
+        m = names[0] if ins.base.startswith("LD") else names[-1]
+        r = int(m.group(1))
+        regs.update(range(r, r + max(1, access_width(ins) // 4)))
+    return regs
+
+
+def load_destinations(ins):
+    """The registers a global load writes: the destination and the ones after it for a vector
+    (R4 of LDG.E.128 is R4..R7, of LDG.E.64 R4..R5)."""
+    m = _REG.search(ins.operands)
+    if not m:
+        return set()
+    r = int(m.group(1))
+    return set(range(r, r + max(1, access_width(ins) // 4)))
+
+
+@dataclass
+class MemoryMain:
+    """What the memory-bound model reads from a kernel's SASS (see :func:`memory_main`)."""
+    main_range: tuple  # (first, last) index of the main loop, or the whole body when loop-free
+    main: Mix
+    data_width: int  # bytes per thread of one data load (the widest LDG); 0 when none
+    loads_in_flight: int  # data LDGs issued back to back before the first use (>= 1)
+    first_batch: tuple  # their indices
+
+
+def memory_main(function, width=None):
+    """The main loop of a memory-bound kernel and the data loads each thread has in flight.
+
+    * The data loads are the global loads (LDG) of ``width`` bytes per thread, the access width
+      of the launch (e.g. the 16-byte packs of a row; default: the widest LDG); loads of another
+      width (per-row scalars such as mean / rstd, row indices) are not data. Limit: a scalar of
+      the data's width (fp32 mean / rstd next to unvectorized fp32 data) counts as data.
+    * The main loop is the loop that holds the most data loads, counting each in its innermost
+      enclosing loop (see :func:`find_loops`; the whole function body for a load in no loop, so
+      a loop-free kernel's main loop is its body); ties: the earliest. Not the function's
+      innermost loop: a LayerNorm register kernel's innermost loop is the shared-memory fold of
+      per-warp partial sums (row_sum), with no global load; its data loads sit in the row loop.
+      And not a remainder loop: an unrolled loop's remainder copy holds fewer loads. Ranges that
+      cross another loop's boundary are ignored when they close later (of two crossing ranges):
+      they are the slow paths of warp-divergent shuffles (BRA.DIV to code after the body that
+      branches back into it), not source loops.
+    * Loads in flight per thread: from the main loop's first data load on, the data loads issued back to
+      back before the first instruction that names (reads, or overwrites) a register one of them
+      writes (vector destinations included: R4 of LDG.E.128 is R4..R7; predicates ignored), or
+      before the first branch (loads past it are on a path that may not be taken, e.g. the
+      LayerNorm forward's runtime ``if (residual)`` loads: a conservative count for that path).
+      This is the memory-level parallelism of the first batch; assumed: the loads of a batch are
+      in flight together, later batches do not overlap it.
+    """
+    instrs = function.instrs
+    ldgs = [i for i, ins in enumerate(instrs) if ins.base == "LDG"]
+    if not ldgs:
+        return MemoryMain((0, len(instrs) - 1), mix(instrs), 0, 1, ())
+    width = width or max(access_width(instrs[i]) for i in ldgs)
+    data = [i for i in ldgs if access_width(instrs[i]) == width]
+    if not data:  # no load of that width: the widest
+        return memory_main(function, max(access_width(instrs[i]) for i in ldgs))
+    loops = find_loops(instrs)
+    # A range that crosses another loop's boundary (neither nested in it nor disjoint) is not a
+    # source loop: it is the slow path of a warp-divergent shuffle (BRA.DIV to code after the
+    # body that branches back into it); of two crossing ranges, that is the one closed later.
+    loops = [a for a in loops if not any(b[0] < a[0] <= b[1] < a[1] for b in loops)]
+    body = (0, len(instrs) - 1)
+    count = Counter()
+    for i in data:  # each data load's innermost loop (the body when in none)
+        holding = [r for r in loops if r[0] <= i <= r[1]]
+        count[min(holding, key=lambda r: r[1] - r[0]) if holding else body] += 1
+    # the most data loads; ties: the earliest
+    lo, hi = min(count, key=lambda r: (-count[r], r[0]))
+    first = next(i for i in data if lo <= i <= hi)
+    batch, written = [], set()
+    for i in range(first, hi + 1):
+        ins = instrs[i]
+        if ins.base == "LDG" and access_width(ins) == width:
+            if registers(ins) & written:  # its address (or destination) waits on the batch
+                break
+            batch.append(i)
+            written |= load_destinations(ins)
+            continue
+        if ins.base in _CONTROL or registers(ins) & written:
+            break
+    return MemoryMain((lo, hi), mix(instrs[lo:hi + 1]), width, max(1, len(batch)), tuple(batch))

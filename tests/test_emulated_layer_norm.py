@@ -223,6 +223,17 @@ def test_dweight_dbias_over_many_partial_rows(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_grid_capped_by_rows_per_block(ops, dtype):
+    # M = 600, N = 2048: a block per row, 600 rows, but the backward grid is clamp(ceil(M / 8),
+    # 128, 256) = 128 blocks (each owns >= 4 rows, so the partial rows stay few), striding over
+    # the rows with the real cap (no test cap); dweight / dbias from 128 partial rows.
+    x, res, w, b, dy, dres = make_inputs((600, 2048), dtype, False, True, True, False, seed=17)
+    check_fwd_bwd(ops, x, res, w, b, dy, dres, False)
+    vec, iters = (4, 4) if dtype == torch.float32 else (8, 2)
+    assert ops._layer_norm_last_plan(True)[:7] == [1, vec, iters, 128, 1, 128, 128]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_dweight_dbias_over_several_row_chunks(ops, dtype):
     # M = 300, N = 40: 38 blocks (8 rows each) write partial rows of dweight / dbias.
     x, res, w, b, dy, dres = make_inputs((300, 40), dtype, False, True, True, False, seed=9)

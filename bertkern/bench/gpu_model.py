@@ -568,6 +568,7 @@ LN_FWD_BLOCK_THREADS, LN_BWD_BLOCK_THREADS, LN_MAX_ROW_THREADS = 128, 256, 512
 LN_MAX_ROW_BLOCKS, LN_BWD_SMS, LN_BWD_THREADS_PER_SM = 65536, 132, 3 * LN_BWD_BLOCK_THREADS
 LN_COL_TILE, LN_ROW_THREADS, LN_FINAL_THREADS = 32, 8, 256
 LN_REDUCE_ROW_THREADS = 32  # kReduceRowThreads: the partial-row reduction's block is 32 x 32
+LN_BWD_MAX_PARTIALS, LN_BWD_MIN_PARTIALS, LN_BWD_MIN_ROWS_PER_BLOCK = 256, 128, 8
 ROW_COPY_THREADS, MAX_PADDING_BLOCKS, INDEX_THREADS = 256, 65536, 256
 _ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -641,7 +642,8 @@ def layer_norm_bwd_plan(m, n, elem, aligned=True, dwdb=True):
     plan.update(dwdb=dwdb, n_partials=0, loop_dwdb=None)
     if plan["registers"]:
         cap = LN_BWD_SMS * max(1, LN_BWD_THREADS_PER_SM // (plan["threads_x"] * plan["rows_y"]))
-        plan["blocks"] = min(plan["blocks"], cap)
+        partials = min(LN_BWD_MAX_PARTIALS, max(LN_BWD_MIN_PARTIALS, _cdiv(m, LN_BWD_MIN_ROWS_PER_BLOCK)))
+        plan["blocks"] = min(plan["blocks"], cap, partials)
         plan["n_partials"] = plan["blocks"]
     else:
         plan["loop_dwdb"] = layer_norm_dwdb_plan(m, n)

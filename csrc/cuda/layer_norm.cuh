@@ -448,11 +448,15 @@ __global__ void BERTKERN_MAXNREG((fwd_reg_cap<T, VEC, ITERS>()))
     const int64_t base = active ? row * N : 0;
     const P* x_row = reinterpret_cast<const P*>(x + base);
 
+    // Every pack loaded unconditionally (packs past the row, and inactive rows, re-read pack 0
+    // of a valid row: L1 hits, ignored below): a load under `if (p < lim)` leaves the register
+    // undefined on the other path, and for fp16 ptxas then merged each 16-bit half into a copy
+    // (PRMT) between the loads, so the <fp16, 8, 4> kernel had 2 of its 4 loads in flight.
     P zv[ITERS];
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int p = reg_pack(i);
-      if (p < lim) zv[i] = x_row[p];
+      zv[i] = x_row[p < lim ? p : 0];
     }
     if (residual) {
       // All loads first, then the math: ITERS independent 16-byte loads in flight per thread.

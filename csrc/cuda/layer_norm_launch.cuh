@@ -20,13 +20,14 @@
 //       largest if none), threads = ceil(P / ITERS) rounded up to whole warps (<= 512).
 //     Forward grid: one block per group of rows, at most kMaxRowBlocks (grid-stride beyond).
 //     Backward grid: the same, capped at the blocks an H100 holds at once (kBwdSMs x
-//     floor(kBwdThreadsPerSM / threads a block); fixed for a given M and N, so the dweight /
+//     floor(kBwdThreadsPerSM / threads a block)) and at clamp(ceil(M / kBwdMinRowsPerBlock),
+//     kBwdMinPartials, kBwdMaxPartials) (128..256; fixed for a given M and N, so the dweight /
 //     dbias sums have a fixed order): every block writes one float
 //     partial row of dweight and of dbias, and layer_norm_bwd_partials_reduce_kernel sums
 //     them in block order.
 //     HBM traffic: forward reads x (+ residual) once and writes y (+ residual_out) once;
 //     backward reads dy, z (+ dresidual_out) once and writes dz once, plus the partial rows
-//     (blocks x N x 8 bytes, written and read once: ~6% of the traffic at M = 16384, N = 768).
+//     (blocks x N x 8 bytes, written and read once: ~2% of the traffic at M = 16384).
 //   loop path (rows longer than 512 threads' registers hold: forward N > 16384 (VEC > 1) /
 //     8192 (VEC 1), backward N > 8192 / 4096): a block of layer_norm_threads(P) threads per
 //     row looping over it (the forward reads x twice, the second time mostly from L2), and the
@@ -86,6 +87,16 @@ constexpr int64_t kMaxRowBlocks = 65536;
 constexpr int64_t kBwdSMs = 132;
 constexpr int64_t kBwdThreadsPerSM = 3 * kBwdBlockThreads;  // 768
 constexpr int64_t kBwdThreadsInFlight = kBwdSMs * kBwdThreadsPerSM;  // 101376: the cap's bound
+// And the partial rows: at most kBwdMaxPartials (256: two batches of the reduction's loads,
+// 4 rows x kReduceRowThreads; ~2% of the traffic at M = 16384), and each block owns at least
+// kBwdMinRowsPerBlock rows unless that leaves fewer than kBwdMinPartials blocks: at M = 1024
+// and N = 4096, 396 blocks of ~2.6 rows wrote partial rows half as large as dy and z, and the
+// reduction read them back. Fewer blocks cost memory-level parallelism, more cost partial rows
+// and reduction rounds (static model, python -m bertkern.bench gpu-model: 128 at M = 1024,
+// 256 at M = 16384 are the best of the grids it tried, A100 and H100).
+constexpr int64_t kBwdMaxPartials = 256;
+constexpr int64_t kBwdMinPartials = 128;
+constexpr int64_t kBwdMinRowsPerBlock = 8;
 constexpr int kFinalThreads = 256;  // loop path dweight / dbias stage 2: one thread per column
 
 // Elements per 16-byte access when the row length and every pointer allow it, else 1.
@@ -245,6 +256,10 @@ inline LayerNormPlan layer_norm_bwd_plan(int64_t M, int64_t N, int elem_size, bo
     if (per_sm < 1) per_sm = 1;
     const int64_t cap = kBwdSMs * per_sm;
     if (plan.blocks > cap) plan.blocks = cap;
+    int64_t partials = detail::ceil_div(M, kBwdMinRowsPerBlock);
+    if (partials < kBwdMinPartials) partials = kBwdMinPartials;
+    if (partials > kBwdMaxPartials) partials = kBwdMaxPartials;
+    if (plan.blocks > partials) plan.blocks = partials;
     plan.n_partials = plan.blocks;
     plan.workspace_floats = dwdb ? 2 * plan.n_partials * N : 0;
   } else {

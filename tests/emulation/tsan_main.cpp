@@ -277,6 +277,7 @@ bool check_plans() {
               if (pass == 1)
                 good = good && p.n_partials == p.blocks && p.workspace_floats == 2 * p.blocks * N &&
                        p.blocks * p.threads_x * p.rows_y <= kBwdThreadsInFlight &&
+                       p.blocks <= kBwdMaxPartials &&
                        p.workspace_floats == 2 * p.n_partials * N;
             } else {
               // the loop path only where a row does not fit 1024 threads' registers

@@ -120,40 +120,31 @@ def dropout_ref(x, keep, p, relu=False):
 
 # --- Attention (varlen, causal, dropout) -------------------------------------------------------
 
-def philox_uniform_ref(seed, counters):
-    """numpy twin of the attention kernels' dropout uniforms for int32 counters: the four words
-    of Triton's ``tl.randint4x(seed, counters)`` (Philox4x32-10 on (c0, 0, 0, 0), key (seed low
-    32 bits, seed high 32 bits)), each as int32, negatives bit-flipped, times 4.6566127342e-10 in
-    float32 (tl.rand's mapping; word 0 is ``tl.rand(seed, counters)``). Returns a float32 array of
-    shape counters.shape + (4,)."""
-    import numpy as np
-
-    c0 = np.asarray(counters, dtype=np.int64).astype(np.uint32).astype(np.uint64)
-    x = philox4x32_ref(seed, c0).view(np.int32)
-    x = np.where(x < 0, ~x, x)
-    return x.astype(np.float32) * np.float32(4.6566127342e-10)
-
-
 def attention_dropout_keep_ref(seed, cu_seqlens, num_heads, max_seqlen, dropout_p):
     """The dropout keep masks bertkern's attention kernels generate, one (H, L, L) bool tensor
-    per sequence (L its length): for sequence b, head h, local query i, key j, with
-    W = ceil(max_seqlen / 4), keep = r >= float32(dropout_p) where r is uniform number (j & 3) of
-    philox_uniform_ref(seed + b * H + h, i * W + (j >> 2)): one Philox call per 4 keys."""
+    per sequence (L its length): for sequence b, head h, local query i, key j = 32 g + 8 n +
+    2 q + h' (n, q < 4, h' < 2), with W = 4 * ceil(max_seqlen / 32), keep = u >= round(p * 2^16)
+    where u is bits [16 h', 16 h' + 16) of word n of Philox4x32-10 with key seed + b * H + h at
+    counter (int32) i * W + 4 g + q: one Philox call per 8 keys."""
     import numpy as np
 
     cu = [int(c) for c in cu_seqlens]
-    groups_per_row = (int(max_seqlen) + 3) // 4
+    calls_per_row = 4 * ((int(max_seqlen) + 31) // 32)
+    threshold = int(round(float(dropout_p) * 65536.0))
     masks = []
     for b in range(len(cu) - 1):
         n = cu[b + 1] - cu[b]
         i = np.arange(n, dtype=np.int64)[:, None]
-        groups = (n + 3) // 4
-        counters = i * groups_per_row + np.arange(groups, dtype=np.int64)[None, :]  # g = j >> 2
+        j = np.arange(n, dtype=np.int64)[None, :]
+        call = (j >> 5) * 4 + ((j >> 1) & 3)
+        counters = (i * calls_per_row + call).astype(np.uint32).astype(np.uint64)  # int32 wrap
+        word_index = np.broadcast_to((j >> 3) & 3, (n, n))
+        shift = (16 * (j & 1)).astype(np.uint32)
         heads = []
         for h in range(num_heads):
-            r = philox_uniform_ref(int(seed) + b * num_heads + h, counters)  # (n, G, 4): [i, g, w]
-            r = r.reshape(n, 4 * groups)[:, :n]  # key j = 4 g + w
-            heads.append(r >= np.float32(dropout_p))
+            words = philox4x32_ref(int(seed) + b * num_heads + h, counters)  # (n, n, 4)
+            word = np.take_along_axis(words, word_index[..., None], axis=-1)[..., 0]
+            heads.append(((word >> shift) & np.uint32(0xFFFF)) >= threshold)
         masks.append(torch.from_numpy(np.stack(heads)) if heads else torch.zeros(0, n, n, dtype=torch.bool))
     return masks
 

@@ -2,6 +2,8 @@
 against the fp64 pure-PyTorch reference, with FlashAttention's error bound for low dtypes."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 
 import bertkern  # noqa: F401
 from bertkern.ops import attention, unpad
-from tests.reference import attention_dropout_keep_ref, attention_varlen_ref, philox_uniform_ref
+from tests.reference import attention_dropout_keep_ref, attention_varlen_ref, philox4x32_ref
 
 LENGTHS = [1, 7, 70, 0, 33]
 
@@ -125,34 +127,26 @@ def test_dropout_reproducible_rate_and_backward_consistent():
 def test_philox_matches_reference_bits():
     offsets = torch.tensor([0, 1, 2, 12345, -5, 2**31 - 1, -(2**31)], dtype=torch.int32)
     for seed in (0, 1, 2**62 - 41, 123456789012345):
-        got = torch.ops.bertkern._philox_uniform(seed, offsets)
-        want = torch.from_numpy(philox_uniform_ref(seed, offsets.numpy()))
+        got = torch.ops.bertkern._philox_words(seed, offsets)
+        counters = offsets.numpy().astype(np.uint32).astype(np.uint64)  # int32 bits
+        want = torch.from_numpy(philox4x32_ref(seed, counters).view(np.int32))
         assert got.shape == (7, 4) and torch.equal(got, want)  # the 4 words of each counter
     two_d = torch.arange(12, dtype=torch.int32).reshape(3, 4)
-    assert torch.equal(torch.ops.bertkern._philox_uniform(9, two_d),
-                       torch.ops.bertkern._philox_uniform(9, two_d.flatten()).reshape(3, 4, 4))
+    assert torch.equal(torch.ops.bertkern._philox_words(9, two_d),
+                       torch.ops.bertkern._philox_words(9, two_d.flatten()).reshape(3, 4, 4))
 
 
-@pytest.mark.parametrize("dropout_p", [1e-9, 0.1, 0.25, 1 / 3, 0.5, 0.9, 0.999, 1.0])
-def test_dropout_threshold_is_the_float_compare_in_integers(dropout_p):
-    """The GPU kernels keep iff folded word x >= dropout_threshold(p); the reference keeps iff
-    float32(x) * 2^-31 >= float32(p). Same answer at the threshold, one below it, and for
-    100k random words (every folded int32 value is in [0, 2^31))."""
-    import numpy as np
-
+@pytest.mark.parametrize("dropout_p", [0.0, 1e-9, 2.0**-17, 0.1, 1 / 3, 0.5, 0.999, 1.0])
+def test_dropout_threshold_is_p_in_16_bits(dropout_p):
+    """keep iff a uniform 16-bit half u >= T: the drop probability T / 2^16 is within 2^-17 of
+    p, p = 0 keeps every u and p = 1 none."""
     from bertkern.kernels.attention import dropout_threshold
 
     t = dropout_threshold(dropout_p)
-    p32 = np.float32(dropout_p)
-
-    def float_keep(x):
-        return np.asarray(x).astype(np.float32) * np.float32(2.0**-31) >= p32
-
-    assert float_keep(t)
-    assert t == 0 or not float_keep(t - 1)
-    xs = np.concatenate([np.random.default_rng(0).integers(0, 2**31, 100_000),
-                         np.arange(max(t - 300, 0), min(t + 300, 2**31))])
-    assert np.array_equal(xs >= t, float_keep(xs))
+    assert 0 <= t <= 65536 and abs(t / 65536 - dropout_p) <= 2.0**-17
+    assert (t == 0) == (dropout_p <= 2.0**-17) and (t == 65536) == (dropout_p >= 1 - 2.0**-17)
+    with pytest.raises(ValueError, match="dropout_p"):
+        dropout_threshold(1.5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -160,7 +154,7 @@ def test_dropout_threshold_is_the_float_compare_in_integers(dropout_p):
 def test_dropout_mask_is_the_reference_for_odd_lengths(causal, extra):
     """Read the CPU op's keep mask back exactly: with q = 0 query i attends uniformly to its
     visible keys (P = 1 / n_i), and with v[j] = e_j out[i, h, j] = keep[i, j] / ((1 - p) n_i).
-    Lengths are not multiples of 4 (a Philox call's 4 keys straddle the row end), and the
+    Lengths are not multiples of 8 or 32 (a Philox call's 8 keys straddle the row end), and the
     backward with the same mask equals the reference's."""
     lengths, heads, p, seed = [37, 1, 0, 66, 13, 6], 3, 0.3, 2**41 + 77
     total, dim = sum(lengths), max(lengths)
@@ -240,7 +234,7 @@ def test_opcheck(dtype, dropout_p):
     torch.library.opcheck(torch.ops.bertkern.attention_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
                            cu, max_len, 0.3, True, dropout_p, seed))
-    torch.library.opcheck(torch.ops.bertkern._philox_uniform.default, (3, torch.arange(10, dtype=torch.int32)))
+    torch.library.opcheck(torch.ops.bertkern._philox_words.default, (3, torch.arange(10, dtype=torch.int32)))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -120,14 +120,13 @@ def _():
 @case("max_seqlen_above_longest-dropout")
 def _():
     # max_seqlen larger than every sequence: extra programs exit, and the dropout counters use
-    # the max_seqlen argument (i * ceil(max_seqlen / 4) + (j >> 2)), as the reference does.
+    # the max_seqlen argument (W = 4 * ceil(max_seqlen / 32) calls per row), as the reference does.
     _run_and_compare([5, 33], 32, torch.float32, False, dropout_p=0.5, max_seqlen=40)
 
 
 for _dtype, _causal in ((torch.float16, False), (torch.float16, True), (torch.float32, True)):
-    # BLOCK_D = 128: for 16-bit inputs the dQ kernel draws the mask per key pair
-    # (_dropout_keep_pairs), for fp32 per group of 4; lengths that are not multiples of 4 and a
-    # max_seqlen above the longest (W = 19, not 18).
+    # BLOCK_D = 128 tiles; lengths that are not multiples of 8 or 32 and a max_seqlen above the
+    # longest (W = 12 calls per row, not 8).
     case(f"dropout_fwd_bwd-{str(_dtype)[6:]}-d80-{'causal' if _causal else 'full'}")(
         lambda d=_dtype, c=_causal: _run_and_compare([5, 37, 70], 80, d, c, dropout_p=0.3,
                                                      max_seqlen=75))

@@ -29,18 +29,21 @@ With Z = keep / (1 - p) (the dropout multiplier), P~ = P * Z, out = P~ V:
 
 Dropout convention (reproduced bit for bit by the C++ CPU kernel, csrc/cpu/attention.cpp):
     seed s: int64 tensor (1,) on the device, read in the kernel (no host sync), 0 <= s < 2^62.
-    For sequence b, head h (H heads), local query i and local key j, with W = ceil(max_seqlen / 4):
+    For sequence b, head h (H heads), local query i and local key j = 32 g + 8 n + 2 q + h'
+    (n, q < 4, h' < 2), with W = 4 * ceil(max_seqlen / 32) (Philox calls per query row):
         philox key (seed)     = s + b * H + h                 (int64: k0 low, k1 high 32 bits)
-        philox counter c0     = i * W + (j >> 2)              (int32, < max_seqlen * W <= 2^31),
+        philox counter c0     = i * W + 4 g + q               (int32, < max_seqlen * W < 2^31),
                                 c1 = c2 = c3 = 0
         (w0, w1, w2, w3)      = Philox4x32-10(key, counter) = tl.randint4x(key, c0)
-        word                  = w[j & 3]: one Philox call serves 4 consecutive keys of a query
-        r = word as int32, x < 0 -> ~x, times 4.6566127342e-10 in float32 (tl.rand's mapping)
-        keep iff r >= float32(dropout_p) (compared in integers: dropout_threshold(p));
-                                 kept probabilities times float32(1 / (1 - dropout_p))
-                                 (0 when dropout_p == 1: r < 1 keeps nothing; p == 0 keeps all).
-    The counters stay below 2^31 when max_seqlen * ceil(max_seqlen / 4) <= 2^31, i.e.
-    max_seqlen <= 92680; the operator checks the stricter max_seqlen^2 < 2^31 (max_seqlen <= 46340).
+        u                     = bits [16 h', 16 h' + 16) of w[n]: one call serves 8 keys
+        keep iff u >= T, T = round(dropout_p * 2^16) (dropout_threshold(p)): dropped with
+                                 probability T / 2^16, within 2^-17 of dropout_p; kept
+                                 probabilities times float32(1 / (1 - dropout_p))
+                                 (T = 2^16 at dropout_p == 1 keeps nothing; p == 0 keeps all).
+    The operator checks max_seqlen^2 < 2^31 (max_seqlen <= 46340), which keeps the counters
+    below 2^31.
+    FlashAttention-2 draws 16 elements per call with 8-bit thresholds (p rounded to 1/256); 16
+    bits keep p exact to 2^-17 at 8 elements per call.
 
 Ragged tails need no special lengths: rows past the end of a sequence, and columns past
 HEAD_DIM when it is not a power of two (BLOCK_D is the next one), are masked on load (zero
@@ -72,7 +75,7 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # log(x) == log2(x) * LN2
 # big tile; 3-stage tiles are there for Hopper's deeper pipelines where they fit both archs.
 # ------------------------------------------------------------------------------------------
 FWD_TILES = {
-    64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
     128: [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
 }
 # dK/dV holds K, V and the fp32 dK, dV accumulators of its BLOCK_N keys for the whole loop:
@@ -186,33 +189,37 @@ def _load_vec(ptrs, rows, seqlen, MASK_ROWS: tl.constexpr):
 
 
 def dropout_threshold(dropout_p):
-    """The integer form of the dropout test, for the kernels: the smallest x in [0, 2^31) with
-    float32(x) * 2^-31 >= float32(dropout_p) (x a folded Philox word, float32(x) * 2^-31 its
-    tl.rand uniform), so that ``x >= threshold`` keeps exactly what ``uniform >= dropout_p``
-    keeps. float32(x) is monotonic in x: a bisection finds it. dropout_p in [0, 1]."""
-    import numpy as np
-
-    target = np.float32(dropout_p)
-    lo, hi = 0, 2**31 - 1  # float32(2^31 - 1) * 2^-31 == 1.0 >= any dropout_p <= 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if np.float32(mid) * np.float32(2.0**-31) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    """The dropout test's integer threshold T = the integer nearest dropout_p * 2^16 (ties to
+    even; exact in float64): a score element is kept iff its 16-bit random half >= T, dropped
+    with probability T / 2^16, within 2^-17 of dropout_p. T = 0 keeps all, T = 2^16 nothing.
+    The C++ CPU kernel computes T the same way (nearbyint of the same double)."""
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    return int(round(float(dropout_p) * 65536.0))
 
 
 @triton.jit
-def _dropout_uniform_keep(word, dropout_threshold):
-    """keep = (tl.rand's uniform of one Philox output word >= dropout_p), compared in integers:
-    x = the word as int32 with negatives folded (~x), and dropout_threshold the smallest x whose
-    uniform float32(x) * 2^-31 reaches dropout_p (the launcher's dropout_threshold(p)). The same
-    bits as the float compare, without an int-to-float conversion (a quarter-rate instruction,
-    on the pipe exp2 needs) and a multiply per element."""
-    x = word.to(tl.int32, bitcast=True)
-    x = tl.where(x < 0, -x - 1, x)
-    return x >= dropout_threshold
+def _philox4x32_10(philox_seed, counter):
+    """Philox4x32-10 with key (low, high 32 bits of philox_seed) and counter (counter, 0, 0, 0):
+    the four words Triton's tl.randint4x(philox_seed, counter) returns, as uint32. Each round's
+    32 x 32 -> 64-bit products are written as one 64-bit multiply of zero-extended operands, which
+    ptxas issues as one IMAD.WIDE.U32 (tl.randint4x's umulhi + mul issue two IMADs)."""
+    k0 = (philox_seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((philox_seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = counter.to(tl.uint32)
+    c1 = c0 * 0
+    c2 = c1
+    c3 = c1
+    for _ in tl.static_range(10):
+        pa = c0.to(tl.uint64) * 0xD2511F53
+        pb = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (pb >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (pa >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = pb.to(tl.uint32)
+        c3 = pa.to(tl.uint32)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -221,50 +228,60 @@ def _dropout_keep(philox_seed, rows, col_start, max_seqlen, dropout_threshold,
     """Keep mask of the tile (query rows) x (keys col_start + [0, BLOCK_N)): True where the
     attention probability (query i, key j) survives dropout. Shape (len(rows), BLOCK_N), or
     (BLOCK_N, len(rows)) when TRANSPOSED (the dK/dV kernel's keys-down tiles), holding the same
-    function of (i, j). col_start is a multiple of 4 (of BLOCK_N).
+    function of (i, j) (the module docstring's convention). col_start is a multiple of BLOCK_N
+    (16, or a multiple of 32).
 
-    One Philox4x32-10 call per 4 consecutive keys (see the module docstring): counter
-    i * W + (j >> 2) with W = ceil(max_seqlen / 4), output word j & 3. The counters are unique
-    per (i, j >> 2) within one (sequence, head), whose Philox key is philox_seed: the forward
-    and both backward kernels regenerate exactly the same mask from it, without storing it.
-    The words are compared first and the booleans interleaved (cheaper to move than words).
+    One Philox call serves 8 keys of a query: key j = 32 g + 8 n + 2 q + h takes half h of word n
+    of call 4 g + q. These are the 8 keys one thread holds of a row in the tensor-core
+    accumulator layout (mma.sync and wgmma: columns 8 n + 2 q + {0, 1} for q = lane % 4), so in
+    the query-rows orientation the mask is computed elementwise on the score tile: the 8 elements
+    of a call compute the same counter from the same registers, and LLVM merges their Philox
+    rounds into one per thread. No data moves between threads. In the keys-down orientation
+    (dK/dV) a thread's elements belong to other calls, so the mask is drawn per call, one call
+    per (query, 8 keys), and Triton moves the 16-bit halves into the tile's layout (through
+    shared memory; the words' halves move with fewer instructions than booleans do), where they
+    are compared.
+    The counters are unique per (i, call) within one (sequence, head), whose Philox key is
+    philox_seed: the forward and both backward kernels regenerate the same mask without storing
+    it.
     """
-    W = (max_seqlen + 3) >> 2
-    groups = (col_start >> 2) + tl.arange(0, BLOCK_N // 4)
-    if TRANSPOSED:
-        counter = rows[None, :] * W + groups[:, None]  # (BLOCK_N / 4, M)
+    W = ((max_seqlen + 31) >> 5) * 4  # calls per query row
+    if TRANSPOSED and BLOCK_N >= 32:
+        G: tl.constexpr = BLOCK_N // 32
+        M: tl.constexpr = rows.shape[0]
+        calls = (col_start >> 3) + tl.arange(0, BLOCK_N // 8)  # 4 g + q
+        counter = tl.reshape(rows[None, :] * W + calls[:, None], (G, 4, M))
+        w0, w1, w2, w3 = _philox4x32_10(philox_seed, counter)  # (G, q, M)
+        k0 = tl.join((w0 & 0xFFFF).to(tl.uint16), (w0 >> 16).to(tl.uint16))  # (G, q, M, h)
+        k1 = tl.join((w1 & 0xFFFF).to(tl.uint16), (w1 >> 16).to(tl.uint16))
+        k2 = tl.join((w2 & 0xFFFF).to(tl.uint16), (w2 >> 16).to(tl.uint16))
+        k3 = tl.join((w3 & 0xFFFF).to(tl.uint16), (w3 >> 16).to(tl.uint16))
+        halves = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # (G, q, M, h, n >> 1, n & 1)
+        halves = tl.permute(halves, (0, 4, 5, 1, 3, 2))  # (G, n >> 1, n & 1, q, h, M)
+        keep = tl.reshape(halves, (BLOCK_N, M)).to(tl.uint32) >= dropout_threshold.to(tl.uint32)
     else:
-        counter = rows[:, None] * W + groups[None, :]  # (M, BLOCK_N / 4)
-    w0, w1, w2, w3 = tl.randint4x(philox_seed, counter)
-    k0 = _dropout_uniform_keep(w0, dropout_threshold)
-    k1 = _dropout_uniform_keep(w1, dropout_threshold)
-    k2 = _dropout_uniform_keep(w2, dropout_threshold)
-    k3 = _dropout_uniform_keep(w3, dropout_threshold)
-    keep = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # keep[..., a, b] = k{2a + b}: word j & 3
-    if TRANSPOSED:
-        keep = tl.permute(keep, (0, 2, 3, 1))  # (BLOCK_N / 4, 2, 2, M)
-        keep = tl.reshape(keep, (BLOCK_N, rows.shape[0]))
-    else:
-        keep = tl.reshape(keep, (rows.shape[0], BLOCK_N))
+        if BLOCK_N >= 32:
+            # Relative to col_start (a multiple of 32): LLVM sees the layout's constant offsets.
+            local = tl.arange(0, BLOCK_N)
+            calls = (col_start >> 3) + (local >> 5) * 4 + ((local >> 1) & 3)
+        else:
+            # BLOCK_N = 16 (the fp32 check-only tiles): half a 32-key group.
+            local = col_start + tl.arange(0, BLOCK_N)
+            calls = (local >> 5) * 4 + ((local >> 1) & 3)
+        n = (local >> 3) & 3
+        shift = ((local & 1) * 16).to(tl.uint32)
+        if TRANSPOSED:
+            counter = rows[None, :] * W + calls[:, None]
+            n = n[:, None]
+            shift = shift[:, None]
+        else:
+            counter = rows[:, None] * W + calls[None, :]
+            n = n[None, :]
+            shift = shift[None, :]
+        w0, w1, w2, w3 = _philox4x32_10(philox_seed, counter)
+        word = tl.where(n < 2, tl.where(n == 0, w0, w1), tl.where(n == 2, w2, w3))
+        keep = ((word >> shift) & 0xFFFF) >= dropout_threshold.to(tl.uint32)
     return keep
-
-
-@triton.jit
-def _dropout_keep_pairs(philox_seed, rows, col_start, max_seqlen, dropout_threshold, BLOCK_N: tl.constexpr):
-    """_dropout_keep(..., TRANSPOSED=False), the same mask computed per pair of keys: the
-    Philox call of keys 4g .. 4g + 3 is evaluated for pair (4g, 4g + 1) (words 0, 1) and again
-    for pair (4g + 2, 4g + 3) (words 2, 3). Twice the Philox work, but the MMA accumulator
-    layout holds 2 adjacent keys per thread, so nothing moves between threads: no shared-memory
-    round trip, and fewer live registers (the dQ kernel's D = 128 tiles spill otherwise).
-    """
-    W = (max_seqlen + 3) >> 2
-    pairs = (col_start >> 1) + tl.arange(0, BLOCK_N // 2)  # j >> 1
-    counter = rows[:, None] * W + (pairs >> 1)[None, :]
-    w0, w1, w2, w3 = tl.randint4x(philox_seed, counter)
-    odd = (pairs & 1)[None, :] == 1
-    keep_even = _dropout_uniform_keep(tl.where(odd, w2, w0), dropout_threshold)  # key 2 * pair
-    keep_odd = _dropout_uniform_keep(tl.where(odd, w3, w1), dropout_threshold)  # key 2 * pair + 1
-    return tl.reshape(tl.join(keep_even, keep_odd), (rows.shape[0], BLOCK_N))
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,7 +324,7 @@ def _attention_fwd_inner(acc, l_i, m_i, q, K_seq, V_seq, stride_kt, stride_vt,
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             keep = _dropout_keep(philox_seed, offs_m, start_n, max_seqlen, dropout_threshold, BLOCK_N, False)
-            p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) factor is applied once, at the end
+            p = p * tl.where(keep, 1.0, 0.0)  # the 1 / (1 - p) factor is applied once, at the end
         v = _load_rows(V_seq + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :],
                        cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         acc = acc * alpha[:, None]
@@ -450,17 +467,22 @@ def _attention_dkdv_bwd_inner(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq,
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= rows[None, :])
             p_t = tl.where(visible, p_t, 0.0)
-        if DROPOUT:
-            # Placed here (between the two dots), the mask's Philox and shuffle fit in the
-            # registers of every tile: at the loop top or after dO V^T, some spill (ptxas, AOT).
+        # Where the mask is drawn decides whether the tile fits in registers (ptxas, AOT test):
+        # at BLOCK_D = 128 between the two dots, else after dO V^T (the (32, 128, 8, 2) tile
+        # spills 8 bytes on sm_80 when causal with the mask drawn earlier).
+        if DROPOUT and BLOCK_D > 64:
             keep = _dropout_keep(philox_seed, rows, key_start, max_seqlen, dropout_threshold,
                                  offs_n.shape[0], True)
         do = _load_rows(DO_seq + rows64[:, None] * stride_dot + offs_d[None, :],
                         rows, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
+        if DROPOUT and BLOCK_D <= 64:
+            keep = _dropout_keep(philox_seed, rows, key_start, max_seqlen, dropout_threshold,
+                                 offs_n.shape[0], True)
         if DROPOUT:
-            pdrop_t = tl.where(keep, p_t * dropout_scale, 0.0)
-            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+            z_t = tl.where(keep, dropout_scale, 0.0)  # multiplies: fp32 pipe, not selects on packed halves
+            pdrop_t = p_t * z_t
+            dp_t = dp_t * z_t
         else:
             pdrop_t = p_t
         dv = tl.dot(pdrop_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -571,12 +593,6 @@ def _attention_dq_bwd_inner(dq, q, do, lse2, delta, K_seq, V_seq, stride_kt, str
                        cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_rows(V_seq + cols64[:, None] * stride_vt + offs_d[None, :],
                        cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        if DROPOUT:
-            if BLOCK_D > 64 and q.dtype != tl.float32:
-                # Register-bound (q, dO and dQ of 128 columns): the shuffle-free form, drawn
-                # before the dots (after dO V^T the (64, 32, 4, 3) tile spills on sm_90; fp32
-                # inputs spill less with the other form, after dO V^T).
-                keep = _dropout_keep_pairs(philox_seed, offs_m, start_n, max_seqlen, dropout_threshold, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -586,9 +602,8 @@ def _attention_dq_bwd_inner(dq, q, do, lse2, delta, K_seq, V_seq, stride_kt, str
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            if BLOCK_D <= 64 or q.dtype == tl.float32:
-                keep = _dropout_keep(philox_seed, offs_m, start_n, max_seqlen, dropout_threshold, BLOCK_N, False)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
+            keep = _dropout_keep(philox_seed, offs_m, start_n, max_seqlen, dropout_threshold, BLOCK_N, False)
+            dp = dp * tl.where(keep, dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq

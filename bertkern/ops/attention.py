@@ -189,9 +189,9 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, 
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.register_fake("bertkern::_philox_uniform")
-def _philox_uniform_fake(seed, offsets):
-    return offsets.new_empty((*offsets.shape, 4), dtype=torch.float32)  # the 4 words' uniforms
+@torch.library.register_fake("bertkern::_philox_words")
+def _philox_words_fake(seed, offsets):
+    return offsets.new_empty((*offsets.shape, 4))  # the 4 words of each counter, int32 bits
 
 
 def _setup_context(ctx, inputs, output):

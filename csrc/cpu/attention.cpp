@@ -32,19 +32,17 @@
 //
 // Dropout (dropout_p > 0) must match the Triton kernel bit for bit, so the keep mask is defined
 // as the Triton kernel's (bertkern/kernels/attention.py, "Dropout convention"), reproduced
-// exactly below (philox_uniform_block, uint_to_uniform_float):
+// exactly below (dropout_halves_block):
 //   key     = dropout_seed[0] + b * H + h                        (uint64; b sequence, h head)
-//   W       = ceil(max_seqlen / 4)
-//   counter = (uint32)(i * W + (j >> 2)), c1 = c2 = c3 = 0       (int32 arithmetic, wraps;
-//                                                                  i, j local query / key index)
-//   word    = output word (j & 3) of Philox4x32-10 with k0 = low 32 bits of key, k1 = high 32
-//             bits (one Philox call serves 4 consecutive keys), mapped to r in [0, 1) by
-//             uint_to_uniform_float (Triton's tl.rand mapping)
-//   keep    = r >= (float)dropout_p;  P_drop = keep ? P / (1 - dropout_p) : 0.
-// The test-only operator bertkern::_philox_uniform(int seed, Tensor offsets) -> Tensor, defined
-// at the end of this file, returns the four r of each int32 counter (shape offsets.shape + (4,))
-// so that tests can compare with Triton (run under TRITON_INTERPRET=1) and rebuild the mask of
-// a reference implementation.
+//   W       = 4 * ceil(max_seqlen / 32)                          (Philox calls per query row)
+//   j       = 32 g + 8 n + 2 q + h'                              (local key; n, q < 4, h' < 2)
+//   counter = (uint32)(i * W + 4 g + q), c1 = c2 = c3 = 0        (i local query index)
+//   u       = bits [16 h', 16 h' + 16) of output word n of Philox4x32-10 with k0 = low 32 bits
+//             of key, k1 = high 32 bits (one Philox call serves 8 keys)
+//   keep    = u >= T, T = nearbyint(dropout_p * 2^16);  P_drop = keep ? P / (1 - dropout_p) : 0.
+// The test-only operator bertkern::_philox_words(int seed, Tensor offsets) -> Tensor, defined
+// at the end of this file, returns the four words of each int32 counter (as int32, shape
+// offsets.shape + (4,)) so that tests can compare them with the numpy Philox of tests/reference.py.
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -59,6 +57,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <optional>
@@ -95,51 +94,48 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Dropout RNG: Triton's tl.randint4x (triton/language/random.py: philox_impl, philox) for an
-// int32 counter, i.e. counter (c, 0, 0, 0), 10 rounds, all four words used, each mapped to
-// [0, 1) as tl.rand does (uint_to_uniform_float).
+// int32 counter, i.e. counter (c, 0, 0, 0), 10 rounds, all four words used, each word split
+// into two 16-bit halves: 8 keys per call.
 // ---------------------------------------------------------------------------------------------
 
-// Triton's uint_to_uniform_float for 32-bit words: reinterpret as int32, fold negatives with ~x,
-// convert to float32 (round to nearest) and multiply by the float32 constant. In [0, 1).
-BK_ALWAYS_INLINE float uint_to_uniform_float(uint32_t word) {
-  int32_t x = static_cast<int32_t>(word);
-  x = x < 0 ? ~x : x;
-  return static_cast<float>(x) * 4.6566127342e-10f;
-}
-
-// Philox calls per block of uniforms; 4 uniforms (keys) per call.
+// Philox calls per block of keys; 8 keys per call.
 constexpr int64_t kRngLanes = 16;
-constexpr int64_t kRngBlock = 4 * kRngLanes;
+constexpr int64_t kRngBlock = 8 * kRngLanes;  // 128 keys: 4 groups of 32
 
-// r[4 l + w] = uniform of word w of Philox4x32-10 at counter (counter0 + l, 0, 0, 0), key
-// (k0, k1), for l < lanes <= kRngLanes: the uniforms of keys 4 g .. 4 g + 3 of a query row whose
-// first group is g = counter0 - row counter. The rounds run across l (vectorized); the words are
-// then converted and interleaved into key order.
-BK_ALWAYS_INLINE void philox_uniform_block(uint32_t counter0, int64_t lanes, uint32_t k0, uint32_t k1,
-                                           float* __restrict r) {
+// u[jj] = the 16-bit random half of key jj of a block of keys whose first call is counter0, as
+// float (exact), for the first `groups` (<= 4) groups of 32 keys: key jj = 32 g + 8 n + 2 q + h
+// takes half h of word n of the call at counter0 + 4 g + q. The rounds run across
+// calls (vectorized); the halves are then converted in key order.
+BK_ALWAYS_INLINE void dropout_halves_block(uint32_t counter0, int64_t groups, uint32_t k0, uint32_t k1,
+                                          float* __restrict u) {
   alignas(64) uint32_t w[4][kRngLanes];
 #pragma omp simd
-  for (int64_t l = 0; l < lanes; ++l) {
+  for (int64_t l = 0; l < 4 * groups; ++l) {
     philox4x32_10(counter0 + static_cast<uint32_t>(l), k0, k1, w[0][l], w[1][l], w[2][l], w[3][l]);
   }
-  for (int64_t l = 0; l < lanes; ++l) {
-    r[4 * l + 0] = uint_to_uniform_float(w[0][l]);
-    r[4 * l + 1] = uint_to_uniform_float(w[1][l]);
-    r[4 * l + 2] = uint_to_uniform_float(w[2][l]);
-    r[4 * l + 3] = uint_to_uniform_float(w[3][l]);
+  // Little-endian: word w[n][4 g + q] is halves h[n][8 g + 2 q] (low) and h[n][8 g + 2 q + 1]
+  // (high), so keys 32 g + 8 n + k (k < 8) are h[n][8 g + k]: contiguous, converted 8 at a time.
+  static_assert(std::endian::native == std::endian::little);
+  alignas(64) uint16_t h[4][2 * kRngLanes];
+  std::memcpy(h, w, sizeof(h));
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t n = 0; n < 4; ++n) {
+#pragma omp simd
+      for (int64_t k = 0; k < 8; ++k) u[32 * g + 8 * n + k] = static_cast<float>(h[n][8 * g + k]);
+    }
   }
 }
 
 // Dropout of one (sequence, head): Philox key and counter stride, fixed per task.
 struct DropoutRng {
   bool on = false;
-  float p = 0.f;          // compared in float32, as the Triton kernel does
+  float threshold = 0.f;  // T = nearbyint(p * 2^16): keep iff the 16-bit half >= T
   double inv_keep = 1.0;  // 1 / (1 - p)
   uint32_t k0 = 0, k1 = 0;
-  uint32_t groups_per_row = 0;  // W = ceil(max_seqlen / 4)
-  // Counter of (query i, keys 0..3); keys 4 g .. 4 g + 3 add g. Unsigned wraparound == int32
-  // wraparound.
-  uint32_t row_counter(int64_t i) const { return static_cast<uint32_t>(i) * groups_per_row; }
+  uint32_t calls_per_row = 0;  // W = 4 * ceil(max_seqlen / 32)
+  // Call of (query i, keys 0..7); key j's call adds 4 (j >> 5) + ((j >> 1) & 3). Unsigned
+  // wraparound == int32 wraparound.
+  uint32_t row_counter(int64_t i) const { return static_cast<uint32_t>(i) * calls_per_row; }
 };
 
 DropoutRng make_dropout_rng(double p, uint64_t seed, int64_t max_seqlen, int64_t b, int64_t H,
@@ -147,13 +143,13 @@ DropoutRng make_dropout_rng(double p, uint64_t seed, int64_t max_seqlen, int64_t
   DropoutRng d;
   d.on = p > 0;
   if (!d.on) return d;
-  d.p = static_cast<float>(p);
+  d.threshold = static_cast<float>(std::nearbyint(p * 65536.0));
   d.inv_keep = 1.0 / (1.0 - p);
   const uint64_t key = seed + static_cast<uint64_t>(b) * static_cast<uint64_t>(H) +
                        static_cast<uint64_t>(h);
   d.k0 = static_cast<uint32_t>(key & 0xffffffffu);
   d.k1 = static_cast<uint32_t>(key >> 32);
-  d.groups_per_row = static_cast<uint32_t>((max_seqlen + 3) / 4);
+  d.calls_per_row = static_cast<uint32_t>(4 * ((max_seqlen + 31) / 32));
   return d;
 }
 
@@ -249,16 +245,16 @@ template <typename T>
 BK_ALWAYS_INLINE void dropout_row(const T* x, T* y, int64_t valid, uint32_t counter0,
                                   const DropoutRng& d) {
   const uint32_t k0 = d.k0, k1 = d.k1;
-  const float p = d.p;
+  const float threshold = d.threshold;
   const T inv_keep = static_cast<T>(d.inv_keep);
-  alignas(64) float r[kRngBlock];
+  alignas(64) float u[kRngBlock];
   for (int64_t j0 = 0; j0 < valid; j0 += kRngBlock) {
     const int64_t m = std::min(kRngBlock, valid - j0);
-    philox_uniform_block(counter0 + static_cast<uint32_t>(j0 / 4), (m + 3) / 4, k0, k1, r);
+    dropout_halves_block(counter0 + static_cast<uint32_t>(j0 / 8), (m + 31) / 32, k0, k1, u);
     const T* xb = x + j0;
     T* yb = y + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) yb[j] = r[j] >= p ? xb[j] * inv_keep : T(0);
+    for (int64_t j = 0; j < m; ++j) yb[j] = u[j] >= threshold ? xb[j] * inv_keep : T(0);
   }
 }
 
@@ -350,11 +346,14 @@ BK_MULTIVERSION void bwd_ds(float* dp, const float* p, const float* pd, int64_t 
 void bwd_ds(double* dp, const double* p, const double* pd, int64_t M, int64_t n) {
   bwd_ds_body<double>(dp, p, pd, M, n);
 }
-// out[4 i + w] = uniform of word w at counter offsets[i].
-BK_MULTIVERSION void philox_uniform_n(const int32_t* offsets, float* out, int64_t n, uint32_t k0,
-                                      uint32_t k1) {
+// out[4 i + w] = word w of Philox4x32-10 at counter (offsets[i], 0, 0, 0), as int32 bits.
+BK_MULTIVERSION void philox_words_n(const int32_t* offsets, int32_t* out, int64_t n, uint32_t k0,
+                                    uint32_t k1) {
   for (int64_t i = 0; i < n; ++i) {
-    philox_uniform_block(static_cast<uint32_t>(offsets[i]), 1, k0, k1, out + 4 * i);
+    uint32_t w0, w1, w2, w3;
+    philox4x32_10(static_cast<uint32_t>(offsets[i]), k0, k1, w0, w1, w2, w3);
+    const uint32_t w[4] = {w0, w1, w2, w3};
+    std::memcpy(out + 4 * i, w, sizeof(w));
   }
 }
 
@@ -806,36 +805,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Test-only: the dropout uniforms. r[..., w] = uniform of word w of tl.randint4x(seed, offsets)
-// for int32 offsets; shape offsets.shape + (4,).
+// Test-only: the dropout Philox words. r[..., w] = word w of tl.randint4x(seed, offsets) for
+// int32 offsets, as int32 bits; shape offsets.shape + (4,).
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor philox_uniform_cpu(int64_t seed, const at::Tensor& offsets_in) {
+at::Tensor philox_words_cpu(int64_t seed, const at::Tensor& offsets_in) {
   TORCH_CHECK_TYPE(offsets_in.scalar_type() == at::kInt,
-                   "_philox_uniform: offsets must be int32, got dtype ", offsets_in.scalar_type());
+                   "_philox_words: offsets must be int32, got dtype ", offsets_in.scalar_type());
   const at::Tensor offsets = offsets_in.contiguous();
   std::vector<int64_t> shape(offsets.sizes().begin(), offsets.sizes().end());
   shape.push_back(4);
-  at::Tensor r = at::empty(shape, offsets.options().dtype(at::kFloat));
+  at::Tensor r = at::empty(shape, offsets.options());
   const uint64_t key = static_cast<uint64_t>(seed);
-  philox_uniform_n(offsets.const_data_ptr<int32_t>(), r.data_ptr<float>(), offsets.numel(),
-                   static_cast<uint32_t>(key & 0xffffffffu), static_cast<uint32_t>(key >> 32));
+  philox_words_n(offsets.const_data_ptr<int32_t>(), r.data_ptr<int32_t>(), offsets.numel(),
+                 static_cast<uint32_t>(key & 0xffffffffu), static_cast<uint32_t>(key >> 32));
   return r;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bertkern, m) {
-  // Test-only, CPU: the dropout uniforms of the attention kernels: the four words of Triton's
-  // Philox4x32-10 (tl.randint4x(seed, offsets)), each through uint_to_uniform_float.
-  // offsets int32 -> float32 of shape offsets.shape + (4,).
-  m.def("_philox_uniform(int seed, Tensor offsets) -> Tensor");
+  // Test-only, CPU: the four words of the attention kernels' Philox4x32-10
+  // (tl.randint4x(seed, offsets)) as int32 bits. offsets int32 -> int32 of shape
+  // offsets.shape + (4,).
+  m.def("_philox_words(int seed, Tensor offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
-  m.impl("_philox_uniform", &philox_uniform_cpu);
+  m.impl("_philox_words", &philox_words_cpu);
 }
 
 }  // namespace bertkern

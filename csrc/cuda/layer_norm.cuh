@@ -367,14 +367,14 @@ __global__ void layer_norm_bwd_dwdb_final_kernel(const float* __restrict__ parti
 // __launch_bounds__(kMaxRegRowThreads, 1), which allowed 128 for every shape; the two cannot be
 // combined). A block of up to kMaxRegRowThreads threads still fits an SM (cap * 512 <= 65536),
 // and the shapes that hold a small slice of a row per thread get a lower cap so more blocks are
-// resident: forward 56 (9 blocks of 128 threads an SM) or 64 (8), backward 80 (3 blocks of
+// resident: forward 56 (9 blocks of 128 threads an SM) or 72 (7), backward 80 (3 blocks of
 // 256). Chosen from ptxas -v on sm_80 / sm_90: zero spills for every instantiated shape
 // (tests/test_aot_cuda.py and tests/test_gpu_model.py check).
 template <typename T, int VEC, int ITERS>
 constexpr int fwd_reg_cap() {
   constexpr int bytes = ITERS * VEC * static_cast<int>(sizeof(T));
   if (VEC == 1) return ITERS <= 4 ? 56 : ITERS <= 8 ? 64 : 128;
-  return bytes <= 48 ? 56 : bytes <= 64 ? 64 : 128;
+  return bytes <= 48 ? 56 : bytes <= 64 ? 72 : 128;
 }
 template <typename T, int VEC, int ITERS>
 constexpr int bwd_reg_cap() {

@@ -313,7 +313,7 @@ def tsan_binaries():
     torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
     # Build both in parallel (one per core on a 2-core machine).
     jobs = [
-        tsan.build([os.path.join(EMU_DIR, "tsan_main.cpp")], "tsan_main", [f"-I{torch_include}"]),
+        tsan.build([os.path.join(EMU_DIR, "tsan_layer_norm.cpp")], "tsan_layer_norm", [f"-I{torch_include}"]),
         tsan.build([os.path.join(EMU_DIR, "tsan_planted_race.cpp")], "tsan_planted_race"),
         tsan.build([os.path.join(EMU_DIR, "emu_selftest.cpp")], "emu_selftest"),
     ]

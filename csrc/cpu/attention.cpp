@@ -1,6 +1,7 @@
 // CPU varlen scaled-dot-product attention with causal masking and dropout, forward and backward:
-// the CPU implementation of bertkern::attention_fwd / attention_bwd (schemas in csrc/ops.cpp;
-// the GPU path is the Triton kernel in bertkern/kernels/attention.py, same math, same dropout).
+// the CPU kernel of bertkern::attention_fwd / attention_bwd (schemas in csrc/ops.cpp; the CUDA
+// kernel of the same operator is the Triton one in bertkern/kernels/attention.py, same math, same
+// dropout).
 //
 // Layout: q, k, v, out (T, H, D) hold the packed real tokens of B sequences; sequence b is rows
 // [cu_seqlens[b], cu_seqlens[b + 1]) and attends to itself only. lse (H, T). Only real tokens are
@@ -40,54 +41,29 @@
 //   u       = bits [16 h', 16 h' + 16) of output word n of Philox4x32-10 with k0 = low 32 bits
 //             of key, k1 = high 32 bits (one Philox call serves 8 keys)
 //   keep    = u >= T, T = nearbyint(dropout_p * 2^16);  P_drop = keep ? P / (1 - dropout_p) : 0.
-// The test-only operator bertkern::_philox_words(int seed, Tensor offsets) -> Tensor, defined
-// at the end of this file, returns the four words of each int32 counter (as int32, shape
+// The test-only operator bertkern::_philox_words(int seed, Tensor offsets) -> Tensor (schema in
+// csrc/ops.cpp, CPU kernel at the end of this file) returns the four words of each int32 counter (as int32, shape
 // offsets.shape + (4,)) so that tests can compare them with the numpy Philox of tests/reference.py.
-#include <ATen/Config.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
+#include "cpu/blas.h"
 #include "cpu/cpu_common.h"
 #include "cpu/philox.h"
+#include "cpu/task_runner.h"
 
-
-// Fortran BLAS exported by libtorch_cpu (the same symbols ATen's CPUBlas.cpp calls). Weak: null
-// when this torch build does not export them, and then the ATen fallback runs.
-#if AT_BUILD_WITH_BLAS() && defined(__GNUC__) && defined(__ELF__) && !defined(BK_ATTENTION_ATEN_GEMM)
-#define BK_BLAS_SYMBOLS 1
-extern "C" {
-__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
-                                  const int* n, const int* k, const float* alpha, const float* a,
-                                  const int* lda, const float* b, const int* ldb,
-                                  const float* beta, float* c, const int* ldc);
-__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m,
-                                  const int* n, const int* k, const double* alpha,
-                                  const double* a, const int* lda, const double* b,
-                                  const int* ldb, const double* beta, double* c, const int* ldc);
-// MKL's per-thread BLAS thread count (exported by libtorch_cpu on MKL builds); weak as above.
-__attribute__((weak)) int MKL_Set_Num_Threads_Local(int nt);  // mkl_set_num_threads_local in C
-}
-#else
-#define BK_BLAS_SYMBOLS 0
-#endif
 
 namespace bertkern {
 namespace {
@@ -106,7 +82,7 @@ constexpr int64_t kRngBlock = 8 * kRngLanes;  // 128 keys: 4 groups of 32
 // float (exact), for the first `groups` (<= 4) groups of 32 keys: key jj = 32 g + 8 n + 2 q + h
 // takes half h of word n of the call at counter0 + 4 g + q. The rounds run across
 // calls (vectorized); the halves are then converted in key order.
-BK_ALWAYS_INLINE void dropout_halves_block(uint32_t counter0, int64_t groups, uint32_t k0, uint32_t k1,
+BERTKERN_ALWAYS_INLINE void dropout_halves_block(uint32_t counter0, int64_t groups, uint32_t k0, uint32_t k1,
                                           float* __restrict u) {
   alignas(64) uint32_t w[4][kRngLanes];
 #pragma omp simd
@@ -160,7 +136,7 @@ DropoutRng make_dropout_rng(double p, uint64_t seed, int64_t max_seqlen, int64_t
 
 // exp for softmax arguments (x <= ~0): Cephes expf, about 1 ulp, plain arithmetic so that GCC
 // vectorizes it (glibc's vector expf needs -ffast-math). exp(x) for x < -87 is returned as 0.
-BK_ALWAYS_INLINE float exp_fast(float x) {
+BERTKERN_ALWAYS_INLINE float exp_fast(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
   float r = xc - n * 0.693359375f;
@@ -177,7 +153,7 @@ BK_ALWAYS_INLINE float exp_fast(float x) {
   return x < -87.0f ? 0.0f : y;
 }
 
-BK_ALWAYS_INLINE double exp_fast(double x) { return std::exp(x); }
+BERTKERN_ALWAYS_INLINE double exp_fast(double x) { return std::exp(x); }
 
 // Row reductions over kLanes independent partial results (lane l takes elements l, l + kLanes,
 // ...), combined by a fixed tree at the end. GCC turns the fixed-width inner loops into vector
@@ -186,7 +162,7 @@ BK_ALWAYS_INLINE double exp_fast(double x) { return std::exp(x); }
 constexpr int64_t kLanes = 32;
 
 template <typename T, typename Combine>
-BK_ALWAYS_INLINE T combine_lanes(T* __restrict part, Combine combine) {
+BERTKERN_ALWAYS_INLINE T combine_lanes(T* __restrict part, Combine combine) {
 #pragma GCC unroll 8
   for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
     for (int64_t l = 0; l < width; ++l) part[l] = combine(part[l], part[l + width]);
@@ -195,7 +171,7 @@ BK_ALWAYS_INLINE T combine_lanes(T* __restrict part, Combine combine) {
 }
 
 template <typename T>
-BK_ALWAYS_INLINE T row_max(const T* __restrict x, int64_t n) {
+BERTKERN_ALWAYS_INLINE T row_max(const T* __restrict x, int64_t n) {
   alignas(64) T part[kLanes];
   const auto max2 = [](T a, T b) { return a > b ? a : b; };
   for (int64_t l = 0; l < kLanes; ++l) part[l] = -std::numeric_limits<T>::infinity();
@@ -209,7 +185,7 @@ BK_ALWAYS_INLINE T row_max(const T* __restrict x, int64_t n) {
 
 // x[j] <- exp(x[j] - shift) for j < n; returns the sum of the new x.
 template <typename T>
-BK_ALWAYS_INLINE T row_exp_sum(T* __restrict x, int64_t n, T shift) {
+BERTKERN_ALWAYS_INLINE T row_exp_sum(T* __restrict x, int64_t n, T shift) {
   alignas(64) T part[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) part[l] = 0;
   int64_t j = 0;
@@ -230,7 +206,7 @@ BK_ALWAYS_INLINE T row_exp_sum(T* __restrict x, int64_t n, T shift) {
 
 // In place: x[0, valid) <- softmax, x[valid, n) <- 0. Returns the logsumexp of x[0, valid).
 template <typename T>
-BK_ALWAYS_INLINE T softmax_row(T* __restrict x, int64_t valid, int64_t n) {
+BERTKERN_ALWAYS_INLINE T softmax_row(T* __restrict x, int64_t valid, int64_t n) {
   const T mx = row_max<T>(x, valid);
   const T sum = row_exp_sum<T>(x, valid, mx);
   const T inv_sum = T(1) / sum;
@@ -242,7 +218,7 @@ BK_ALWAYS_INLINE T softmax_row(T* __restrict x, int64_t valid, int64_t n) {
 
 // y[j] = keep(j) ? x[j] / (1 - p) : 0 for j in [0, valid), row counter counter0; y may be x.
 template <typename T>
-BK_ALWAYS_INLINE void dropout_row(const T* x, T* y, int64_t valid, uint32_t counter0,
+BERTKERN_ALWAYS_INLINE void dropout_row(const T* x, T* y, int64_t valid, uint32_t counter0,
                                   const DropoutRng& d) {
   const uint32_t k0 = d.k0, k1 = d.k1;
   const float threshold = d.threshold;
@@ -261,7 +237,7 @@ BK_ALWAYS_INLINE void dropout_row(const T* x, T* y, int64_t valid, uint32_t coun
 // Forward, one query block of M rows (local query index row0 + r) against n keys:
 // scores -> P (dropped out), lse[r] = logsumexp of row r.
 template <typename T>
-BK_ALWAYS_INLINE void fwd_block_body(T* __restrict s, int64_t M, int64_t n, int64_t row0,
+BERTKERN_ALWAYS_INLINE void fwd_block_body(T* __restrict s, int64_t M, int64_t n, int64_t row0,
                                      bool causal, T* __restrict lse, const DropoutRng& d) {
   for (int64_t r = 0; r < M; ++r) {
     T* x = s + r * n;
@@ -274,7 +250,7 @@ BK_ALWAYS_INLINE void fwd_block_body(T* __restrict s, int64_t M, int64_t n, int6
 // Backward, one query block: scores s -> P = exp(s - lse) in place, and with dropout
 // pd = P * keep / (1 - p) (pd unused without dropout).
 template <typename T>
-BK_ALWAYS_INLINE void bwd_probs_body(T* __restrict s, T* __restrict pd, int64_t M, int64_t n,
+BERTKERN_ALWAYS_INLINE void bwd_probs_body(T* __restrict s, T* __restrict pd, int64_t M, int64_t n,
                                      int64_t row0, bool causal, const T* __restrict lse,
                                      const DropoutRng& d) {
   for (int64_t r = 0; r < M; ++r) {
@@ -299,7 +275,7 @@ BK_ALWAYS_INLINE void bwd_probs_body(T* __restrict s, T* __restrict pd, int64_t 
 // input dtype, and its rounding error is amplified by 1 / (1 - p) and by the cancellation in
 // dP - delta (4x torch's own float16 error at dropout 0.9).
 template <typename T>
-BK_ALWAYS_INLINE void bwd_ds_body(T* __restrict dp, const T* __restrict p, const T* __restrict pd,
+BERTKERN_ALWAYS_INLINE void bwd_ds_body(T* __restrict dp, const T* __restrict p, const T* __restrict pd,
                                   int64_t M, int64_t n) {
   for (int64_t r = 0; r < M; ++r) {
     T* x = dp + r * n;
@@ -324,7 +300,7 @@ BK_ALWAYS_INLINE void bwd_ds_body(T* __restrict dp, const T* __restrict p, const
 }
 
 // Instruction-set clones for float (the hot path); double is for gradcheck and stays generic.
-BK_MULTIVERSION void fwd_block(float* s, int64_t M, int64_t n, int64_t row0, bool causal,
+BERTKERN_MULTIVERSION void fwd_block(float* s, int64_t M, int64_t n, int64_t row0, bool causal,
                                float* lse, const DropoutRng& d) {
   fwd_block_body<float>(s, M, n, row0, causal, lse, d);
 }
@@ -332,7 +308,7 @@ void fwd_block(double* s, int64_t M, int64_t n, int64_t row0, bool causal, doubl
                const DropoutRng& d) {
   fwd_block_body<double>(s, M, n, row0, causal, lse, d);
 }
-BK_MULTIVERSION void bwd_probs(float* s, float* pd, int64_t M, int64_t n, int64_t row0,
+BERTKERN_MULTIVERSION void bwd_probs(float* s, float* pd, int64_t M, int64_t n, int64_t row0,
                                bool causal, const float* lse, const DropoutRng& d) {
   bwd_probs_body<float>(s, pd, M, n, row0, causal, lse, d);
 }
@@ -340,14 +316,14 @@ void bwd_probs(double* s, double* pd, int64_t M, int64_t n, int64_t row0, bool c
                const double* lse, const DropoutRng& d) {
   bwd_probs_body<double>(s, pd, M, n, row0, causal, lse, d);
 }
-BK_MULTIVERSION void bwd_ds(float* dp, const float* p, const float* pd, int64_t M, int64_t n) {
+BERTKERN_MULTIVERSION void bwd_ds(float* dp, const float* p, const float* pd, int64_t M, int64_t n) {
   bwd_ds_body<float>(dp, p, pd, M, n);
 }
 void bwd_ds(double* dp, const double* p, const double* pd, int64_t M, int64_t n) {
   bwd_ds_body<double>(dp, p, pd, M, n);
 }
 // out[4 i + w] = word w of Philox4x32-10 at counter (offsets[i], 0, 0, 0), as int32 bits.
-BK_MULTIVERSION void philox_words_n(const int32_t* offsets, int32_t* out, int64_t n, uint32_t k0,
+BERTKERN_MULTIVERSION void philox_words_n(const int32_t* offsets, int32_t* out, int64_t n, uint32_t k0,
                                     uint32_t k1) {
   for (int64_t i = 0; i < n; ++i) {
     uint32_t w0, w1, w2, w3;
@@ -355,49 +331,6 @@ BK_MULTIVERSION void philox_words_n(const int32_t* offsets, int32_t* out, int64_
     const uint32_t w[4] = {w0, w1, w2, w3};
     std::memcpy(out + 4 * i, w, sizeof(w));
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// GEMM on row-major matrices: C (M x N) = alpha * op(A) * op(B) + beta * C, op(A) M x K,
-// op(B) K x N; lda / ldb / ldc are row strides (>= the stored column count). beta == 0 ignores
-// C's contents.
-// ---------------------------------------------------------------------------------------------
-
-template <typename T>
-void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto view = [&](const T* ptr, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    at::Tensor stored = at::from_blob(const_cast<T*>(ptr), {trans ? cols : rows, trans ? rows : cols},
-                                      {ld, 1}, options);
-    return trans ? stored.t() : stored;
-  };
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
-  at::addmm_out(c, c, view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, alpha);
-}
-
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-#if BK_BLAS_SYMBOLS
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  const bool fits = std::max({M, N, K, lda, ldb, ldc}) <= kIntMax;
-  const bool have = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
-  if (fits && have) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: pass B first.
-    const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int lb = static_cast<int>(ldb), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    if constexpr (std::is_same_v<T, float>) {
-      sgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    } else {
-      dgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    }
-    return;
-  }
-#endif
-  gemm_aten<T>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,89 +381,6 @@ int64_t block_rows(int64_t L, bool causal) {
   const int64_t cap = std::clamp<int64_t>(kScoreElements / std::max<int64_t>(L, 1), 16, max_rows);
   const int64_t n_blocks = (L + cap - 1) / cap;
   return n_blocks == 0 ? 1 : (L + n_blocks - 1) / n_blocks;
-}
-
-// Per-thread scratch for score blocks, kept between calls (the OpenMP workers persist): a fresh
-// allocation per call costs page faults comparable to a small call's compute. Only blocks up to
-// kCachedWorkspaceBytes are kept; larger ones (very long sequences) are allocated per call.
-constexpr int64_t kCachedWorkspaceBytes = int64_t{16} << 20;
-
-template <typename T>
-T* thread_workspace(int64_t elements) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < elements) {
-    buffer = std::vector<T>();  // release first: never hold old and new at once
-    buffer.resize(static_cast<size_t>(elements));
-  }
-  return buffer.data();
-}
-
-// Multiply-adds a worker thread should get at least (~15 us); waking a thread costs ~10 us.
-constexpr int64_t kMinWorkPerThread = int64_t{1} << 19;
-
-#if defined(_OPENMP)
-constexpr bool kThreadedTasks = true;  // at::parallel_for really runs tasks on several threads
-#else
-constexpr bool kThreadedTasks = false;
-#endif
-
-// Makes the BLAS of the calling thread sequential for its lifetime. Our GEMMs are small; a BLAS
-// that spreads each one over the intra-op threads (as MKL does outside a parallel region, e.g.
-// when a call is too small to split into tasks) spends more on waking threads than it saves.
-class SequentialBlas {
- public:
-  explicit SequentialBlas(bool enable) {
-    (void)enable;
-#if BK_BLAS_SYMBOLS
-    if (enable && MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
-#endif
-  }
-  ~SequentialBlas() {
-#if BK_BLAS_SYMBOLS
-    if (previous_ >= 0) MKL_Set_Num_Threads_Local(previous_);  // 0 = back to the global setting
-#endif
-  }
-  SequentialBlas(const SequentialBlas&) = delete;
-  SequentialBlas& operator=(const SequentialBlas&) = delete;
-
- private:
-  int previous_ = -1;
-};
-
-// Runs fn(task, workspace) for every task in the order of `cost` (multiply-adds per task), the
-// largest first, taken from a shared counter by the worker threads, one workspace per worker.
-// Each task writes only its own outputs, so results do not depend on which thread ran it.
-template <typename T, typename Fn>
-void run_tasks(const std::vector<int64_t>& cost, int64_t workspace_elements, const Fn& fn) {
-  const int64_t n = static_cast<int64_t>(cost.size());
-  if (n == 0) return;
-  std::vector<int64_t> order(cost.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  const int64_t total = std::accumulate(cost.begin(), cost.end(), int64_t{0});
-  const int64_t workers = std::clamp<int64_t>(total / kMinWorkPerThread, 1,
-                                              std::min<int64_t>(n, at::get_num_threads()));
-  // Sequential BLAS when tasks run on several threads (nested threading would oversubscribe) or
-  // when the call is too small to split; a build without OpenMP runs the tasks on one thread and
-  // leaves large GEMMs to the BLAS's own threads.
-  const bool sequential_blas = (kThreadedTasks && workers > 1) || total < 2 * kMinWorkPerThread;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    SequentialBlas blas_guard(sequential_blas);
-    std::vector<T> uncached;
-    T* workspace = nullptr;
-    if (workspace_elements * static_cast<int64_t>(sizeof(T)) <= kCachedWorkspaceBytes) {
-      workspace = thread_workspace<T>(workspace_elements);
-    } else {
-      uncached.resize(static_cast<size_t>(workspace_elements));
-      workspace = uncached.data();
-    }
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      fn(order[i], workspace);
-    }
-  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -823,13 +673,6 @@ at::Tensor philox_words_cpu(int64_t seed, const at::Tensor& offsets_in) {
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(bertkern, m) {
-  // Test-only, CPU: the four words of the attention kernels' Philox4x32-10
-  // (tl.randint4x(seed, offsets)) as int32 bits. offsets int32 -> int32 of shape
-  // offsets.shape + (4,).
-  m.def("_philox_words(int seed, Tensor offsets) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "cpu/cpu_common.h"
+#include "cpu/cpu_features.h"
 
 namespace bertkern {
 namespace {
@@ -15,7 +16,7 @@ namespace {
 
 // bfloat16 is the top half of a float32: widening is a shift, narrowing rounds to nearest even
 // (NaN stays a quiet NaN), exactly as c10::BFloat16 does, in loops GCC vectorizes.
-BK_MULTIVERSION
+BERTKERN_MULTIVERSION
 void bf16_to_f32(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -26,7 +27,7 @@ void bf16_to_f32(const uint16_t* __restrict src, float* __restrict dst, int64_t 
   }
 }
 
-BK_MULTIVERSION
+BERTKERN_MULTIVERSION
 void f32_to_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -41,7 +42,7 @@ void f32_to_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t 
 // z = x + residual rounded to bfloat16, as an unfused bfloat16 add rounds it (both operands are
 // exact in float32, so the float32 sum rounded once to bfloat16 is that add), stored as bfloat16
 // into z_low and widened again into zf.
-BK_MULTIVERSION
+BERTKERN_MULTIVERSION
 void add_round_bf16(const uint16_t* __restrict x, const uint16_t* __restrict residual,
                     uint16_t* __restrict z_low, float* __restrict zf, int64_t n) {
 #pragma omp simd
@@ -64,7 +65,7 @@ void add_round_bf16(const uint16_t* __restrict x, const uint16_t* __restrict res
 
 // float16 needs the F16C conversion instructions to be fast; GCC does not vectorize _Float16
 // conversions by itself, so use the intrinsics where the CPU has them.
-#if BK_X86_DISPATCH
+#if BERTKERN_X86_DISPATCH
 __attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const c10::Half* src, float* dst,
                                                          int64_t n) {
   int64_t i = 0;
@@ -103,24 +104,19 @@ __attribute__((target("avx,f16c"))) void add_round_f16_f16c(const c10::Half* x,
     zf[i] = _cvtsh_ss(z_low[i].x);
   }
 }
-
-bool cpu_has_f16c() {
-  static const bool has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
-  return has;
-}
 #endif
 
 }  // namespace
 
 void to_float(const c10::Half* src, float* dst, int64_t n) {
-#if BK_X86_DISPATCH
+#if BERTKERN_X86_DISPATCH
   if (cpu_has_f16c()) return f16_to_f32_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 void from_float(const float* src, c10::Half* dst, int64_t n) {
-#if BK_X86_DISPATCH
+#if BERTKERN_X86_DISPATCH
   if (cpu_has_f16c()) return f32_to_f16_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
@@ -129,7 +125,7 @@ void from_float(const float* src, c10::Half* dst, int64_t n) {
 // z = x + residual rounded to float16 into z_low, and widened again into zf.
 void add_round(const c10::Half* x, const c10::Half* residual, c10::Half* z_low, float* zf,
                int64_t n) {
-#if BK_X86_DISPATCH
+#if BERTKERN_X86_DISPATCH
   if (cpu_has_f16c()) return add_round_f16_f16c(x, residual, z_low, zf, n);
 #endif
   for (int64_t i = 0; i < n; ++i) {

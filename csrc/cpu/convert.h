@@ -1,20 +1,13 @@
 // float16 / bfloat16 <-> float32 conversion of contiguous runs, shared by the CPU kernels
-// (csrc/cpu/convert.cpp). Rounding is c10's: to nearest even, NaN stays a quiet NaN.
+// (layer_norm.cpp, dropout.cpp; defined in convert.cpp). Rounding is c10's: to nearest even,
+// NaN stays a quiet NaN.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
-
-// x86-64 with GCC or clang: functions written with intrinsics for one ISA (target attribute) and
-// chosen at run time with __builtin_cpu_supports.
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define BK_X86_DISPATCH 1
-#include <immintrin.h>
-#else
-#define BK_X86_DISPATCH 0
-#endif
+#include <vector>
 
 namespace bertkern {
 
@@ -22,6 +15,14 @@ void to_float(const c10::Half* src, float* dst, int64_t n);
 void to_float(const c10::BFloat16* src, float* dst, int64_t n);
 void from_float(const float* src, c10::Half* dst, int64_t n);
 void from_float(const float* src, c10::BFloat16* dst, int64_t n);
+
+// A float32 copy of n elements of src (e.g. a float16 weight, widened once per call).
+template <typename T>
+std::vector<float> vector_to_float(const T* src, int64_t n) {
+  std::vector<float> out(static_cast<size_t>(n));
+  to_float(src, out.data(), n);
+  return out;
+}
 
 // z = x + residual rounded to the low dtype into z_low (as an unfused low-precision add rounds
 // it), and widened again into zf.

@@ -40,7 +40,7 @@ constexpr int64_t kLanes = 16;
 // The words of one block of 4 * kLanes elements starting at element i0 (a multiple of the
 // block): counter i0 / 4 + l gives word j to element i0 + j * kLanes + l, so each word array
 // is contiguous in the elements.
-BK_ALWAYS_INLINE void philox_block(uint64_t i0, uint32_t seed_lo, uint32_t seed_hi, uint32_t* words) {
+BERTKERN_ALWAYS_INLINE void philox_block(uint64_t i0, uint32_t seed_lo, uint32_t seed_hi, uint32_t* words) {
   const uint64_t n0 = i0 / 4;
   for (int64_t l = 0; l < kLanes; ++l) {
     philox4x32_10(n0 + static_cast<uint64_t>(l), seed_lo, seed_hi, words[l], words[kLanes + l],
@@ -57,7 +57,7 @@ struct Rng {
 // out[j] = f(in[j], keep(first + j)) for j in [0, count): in and out point at element `first`
 // of the tensor, a multiple of kBlock.
 template <typename scalar_t, typename F>
-BK_ALWAYS_INLINE void masked_map(const scalar_t* in, scalar_t* out, int64_t count, int64_t first,
+BERTKERN_ALWAYS_INLINE void masked_map(const scalar_t* in, scalar_t* out, int64_t count, int64_t first,
                                  const Rng& rng, F f) {
   alignas(64) uint32_t words[kBlock];
   const uint32_t threshold = rng.threshold;
@@ -74,7 +74,7 @@ BK_ALWAYS_INLINE void masked_map(const scalar_t* in, scalar_t* out, int64_t coun
 }
 
 // The float32 loops, cloned per instruction set (the Philox rounds vectorize on AVX-512).
-BK_MULTIVERSION void dropout_fwd_f32(const float* x, float* y, int64_t count, int64_t first, Rng rng,
+BERTKERN_MULTIVERSION void dropout_fwd_f32(const float* x, float* y, int64_t count, int64_t first, Rng rng,
                                      float scale, bool relu) {
   if (relu) {
     masked_map(x, y, count, first, rng, [scale](float v, bool k) { return (k & (v > 0.f)) ? v * scale : 0.f; });
@@ -83,23 +83,23 @@ BK_MULTIVERSION void dropout_fwd_f32(const float* x, float* y, int64_t count, in
   }
 }
 
-BK_MULTIVERSION void dropout_bwd_f32(const float* dy, float* dx, int64_t count, int64_t first, Rng rng,
+BERTKERN_MULTIVERSION void dropout_bwd_f32(const float* dy, float* dx, int64_t count, int64_t first, Rng rng,
                                      float scale) {
   masked_map(dy, dx, count, first, rng, [scale](float g, bool k) { return k ? g * scale : 0.f; });
 }
 
-BK_MULTIVERSION void relu_dropout_bwd_f32(const float* dy, const float* y, float* dx, int64_t count,
+BERTKERN_MULTIVERSION void relu_dropout_bwd_f32(const float* dy, const float* y, float* dx, int64_t count,
                                           float scale) {
   for (int64_t i = 0; i < count; ++i) dx[i] = y[i] > 0.f ? dy[i] * scale : 0.f;
 }
 
-BK_MULTIVERSION void dropout_fwd_f64(const double* x, double* y, int64_t count, int64_t first, Rng rng,
+BERTKERN_MULTIVERSION void dropout_fwd_f64(const double* x, double* y, int64_t count, int64_t first, Rng rng,
                                      double scale, bool relu) {
   masked_map(x, y, count, first, rng,
              [scale, relu](double v, bool k) { return (k & (!relu | (v > 0.0))) ? v * scale : 0.0; });
 }
 
-BK_MULTIVERSION void dropout_bwd_f64(const double* dy, double* dx, int64_t count, int64_t first, Rng rng,
+BERTKERN_MULTIVERSION void dropout_bwd_f64(const double* dy, double* dx, int64_t count, int64_t first, Rng rng,
                                      double scale) {
   masked_map(dy, dx, count, first, rng, [scale](double g, bool k) { return k ? g * scale : 0.0; });
 }
@@ -156,7 +156,7 @@ Rng make_rng(double p, const std::optional<at::Tensor>& seed, const char* op) {
 template <typename F>
 void parallel_blocks(int64_t n, F f) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / kBlock), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, parallel_grain(32768, kBlock), [&](int64_t b0, int64_t b1) {
     f(b0 * kBlock, std::min(n, b1 * kBlock));
   });
 }

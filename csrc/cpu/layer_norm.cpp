@@ -11,11 +11,12 @@
 // would leave at::vec at SSE2. Instead the float row kernels are plain loops that GCC
 // auto-vectorizes, compiled three times with target_clones (AVX-512, AVX2 + FMA, baseline) and
 // picked once at load time by an ifunc resolver. The few kernels GCC cannot express (float16
-// conversion, non-temporal stores) are intrinsics in per-ISA functions chosen at run time.
+// conversion: convert.h; non-temporal stores: below) are intrinsics in per-ISA functions chosen
+// at run time (cpu_features.h).
 //
 // Memory: in the forward, x (+ residual) is read from memory once; the statistics passes and
 // the normalization pass then run on the row in L1. Rows are prefetched ahead, and outputs much
-// larger than the cache are written with non-temporal stores.
+// larger than the cache are written with non-temporal stores (cache_hints.h).
 //
 // Numerics: mean and variance are two-pass over the row, accumulated in float32 (double) around
 // a shift (the row's first value), so rows with a large mean and a small spread stay accurate.
@@ -41,8 +42,10 @@
 #include <vector>
 
 
+#include "cpu/cache_hints.h"
 #include "cpu/convert.h"
 #include "cpu/cpu_common.h"
+#include "cpu/cpu_features.h"
 #include "layer_norm_common.h"
 
 
@@ -52,9 +55,7 @@ namespace {
 // Rows per parallel_for task: enough elements per task to amortize the task overhead.
 constexpr int64_t kGrainElements = 16384;
 
-int64_t row_grain(int64_t n) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(n, 1));
-}
+int64_t row_grain(int64_t n) { return parallel_grain(kGrainElements, n); }
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels, written once for float and double (acc_t is the element type of the row).
@@ -70,7 +71,7 @@ int64_t row_grain(int64_t n) {
 constexpr int64_t kLanes = 64;  // 4 AVX-512 / 8 AVX2 registers of floats
 
 template <typename acc_t, int64_t kWidth>
-BK_ALWAYS_INLINE acc_t sum_lanes(const acc_t* __restrict part) {
+BERTKERN_ALWAYS_INLINE acc_t sum_lanes(const acc_t* __restrict part) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < kWidth; ++j) s += part[j];
@@ -86,7 +87,7 @@ struct RowStats {
 // Forward statistics of one row. in: the row when residual is null, else z = in + residual is
 // computed into zbuf (an output row or a scratch row) on the way.
 template <typename acc_t>
-BK_ALWAYS_INLINE RowStats<acc_t> fwd_row_stats(const acc_t* __restrict in,
+BERTKERN_ALWAYS_INLINE RowStats<acc_t> fwd_row_stats(const acc_t* __restrict in,
                                                const acc_t* __restrict residual,
                                                acc_t* __restrict zbuf, int64_t n, acc_t eps) {
   if (n == 0) return {acc_t(0), acc_t(0), acc_t(1) / std::sqrt(eps)};
@@ -142,7 +143,7 @@ BK_ALWAYS_INLINE RowStats<acc_t> fwd_row_stats(const acc_t* __restrict in,
 
 // y = (z - mean) * rstd * weight + bias for one row.
 template <typename acc_t>
-BK_ALWAYS_INLINE void normalize_row(const acc_t* __restrict z, RowStats<acc_t> st,
+BERTKERN_ALWAYS_INLINE void normalize_row(const acc_t* __restrict z, RowStats<acc_t> st,
                                     const acc_t* __restrict weight, const acc_t* __restrict bias,
                                     acc_t* __restrict y, int64_t n) {
   const acc_t shift = st.shift, offset = st.offset, rstd = st.rstd;
@@ -163,7 +164,7 @@ BK_ALWAYS_INLINE void normalize_row(const acc_t* __restrict z, RowStats<acc_t> s
 
 // Forward of one row: statistics, then y. Writes y, *mean_out and *rstd_out.
 template <typename acc_t>
-BK_ALWAYS_INLINE void fwd_row(const acc_t* __restrict in, const acc_t* __restrict residual,
+BERTKERN_ALWAYS_INLINE void fwd_row(const acc_t* __restrict in, const acc_t* __restrict residual,
                               acc_t* __restrict zbuf, acc_t* __restrict y,
                               const acc_t* __restrict weight, const acc_t* __restrict bias,
                               int64_t n, acc_t eps, acc_t* mean_out, acc_t* rstd_out) {
@@ -175,7 +176,7 @@ BK_ALWAYS_INLINE void fwd_row(const acc_t* __restrict in, const acc_t* __restric
 
 // Element i of the first backward pass, summed into lane j.
 template <typename acc_t, bool kWeight, bool kDweight, bool kDbias>
-BK_ALWAYS_INLINE void bwd_sums_element(int64_t i, int64_t j, const acc_t* __restrict dy,
+BERTKERN_ALWAYS_INLINE void bwd_sums_element(int64_t i, int64_t j, const acc_t* __restrict dy,
                                        const acc_t* __restrict z, acc_t mean, acc_t rstd,
                                        const acc_t* __restrict weight,
                                        acc_t* __restrict dweight_acc, acc_t* __restrict dbias_acc,
@@ -191,7 +192,7 @@ BK_ALWAYS_INLINE void bwd_sums_element(int64_t i, int64_t j, const acc_t* __rest
 // First backward pass over a row: sum(g) and sum(g * xhat), and the per-row contributions to
 // dweight (dy * xhat) and dbias (dy), in one loop.
 template <typename acc_t, bool kWeight, bool kDweight, bool kDbias>
-BK_ALWAYS_INLINE void bwd_row_sums_impl(const acc_t* __restrict dy, const acc_t* __restrict z,
+BERTKERN_ALWAYS_INLINE void bwd_row_sums_impl(const acc_t* __restrict dy, const acc_t* __restrict z,
                                         acc_t mean, acc_t rstd, const acc_t* __restrict weight,
                                         acc_t* __restrict dweight_acc,
                                         acc_t* __restrict dbias_acc, int64_t n, acc_t* sums) {
@@ -224,7 +225,7 @@ struct BwdRowSums {
 };
 
 template <typename acc_t>
-BK_ALWAYS_INLINE BwdRowSums<acc_t> bwd_row_sums(const acc_t* __restrict dy,
+BERTKERN_ALWAYS_INLINE BwdRowSums<acc_t> bwd_row_sums(const acc_t* __restrict dy,
                                                 const acc_t* __restrict z, acc_t mean, acc_t rstd,
                                                 const acc_t* __restrict weight,
                                                 acc_t* __restrict dweight_acc,
@@ -233,22 +234,22 @@ BK_ALWAYS_INLINE BwdRowSums<acc_t> bwd_row_sums(const acc_t* __restrict dy,
   const bool has_w = weight != nullptr;
   const bool has_dw = dweight_acc != nullptr, has_db = dbias_acc != nullptr;
   // The variant is picked here, outside the vectorized loop.
-#define BK_SUMS(W, DW, DB) \
+#define BERTKERN_SUMS(W, DW, DB) \
   bwd_row_sums_impl<acc_t, W, DW, DB>(dy, z, mean, rstd, weight, dweight_acc, dbias_acc, n, sums)
   if (has_w && has_dw && has_db) {
-    BK_SUMS(true, true, true);
+    BERTKERN_SUMS(true, true, true);
   } else if (has_w && has_dw) {
-    BK_SUMS(true, true, false);
+    BERTKERN_SUMS(true, true, false);
   } else if (has_w && has_db) {
-    BK_SUMS(true, false, true);
+    BERTKERN_SUMS(true, false, true);
   } else if (has_w) {
-    BK_SUMS(true, false, false);
+    BERTKERN_SUMS(true, false, false);
   } else if (has_db) {  // no weight: no dweight either
-    BK_SUMS(false, false, true);
+    BERTKERN_SUMS(false, false, true);
   } else {
-    BK_SUMS(false, false, false);
+    BERTKERN_SUMS(false, false, false);
   }
-#undef BK_SUMS
+#undef BERTKERN_SUMS
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   return {sums[0] * inv_n, sums[1] * inv_n};
 }
@@ -257,7 +258,7 @@ BK_ALWAYS_INLINE BwdRowSums<acc_t> bwd_row_sums(const acc_t* __restrict dy,
 // scaling by rstd: when the row is (nearly) constant, g - mean_g cancels to (nearly) 0, and rstd
 // (up to 1/sqrt(eps)) must not amplify the rounding of that difference.
 template <typename acc_t>
-BK_ALWAYS_INLINE void dz_row(const acc_t* __restrict dy, const acc_t* __restrict z, acc_t mean,
+BERTKERN_ALWAYS_INLINE void dz_row(const acc_t* __restrict dy, const acc_t* __restrict z, acc_t mean,
                              acc_t rstd, const acc_t* __restrict weight,
                              const acc_t* __restrict dresidual, BwdRowSums<acc_t> sums,
                              acc_t* __restrict dz, int64_t n) {
@@ -293,7 +294,7 @@ BK_ALWAYS_INLINE void dz_row(const acc_t* __restrict dy, const acc_t* __restrict
 // xhat = (z - mean) * rstd and g = dy * weight. Adds dy * xhat into dweight_acc and dy into
 // dbias_acc when those are not null.
 template <typename acc_t>
-BK_ALWAYS_INLINE void bwd_row(const acc_t* __restrict dy, const acc_t* __restrict z, acc_t mean,
+BERTKERN_ALWAYS_INLINE void bwd_row(const acc_t* __restrict dy, const acc_t* __restrict z, acc_t mean,
                               acc_t rstd, const acc_t* __restrict weight,
                               const acc_t* __restrict dresidual, acc_t* __restrict dz,
                               acc_t* __restrict dweight_acc, acc_t* __restrict dbias_acc,
@@ -315,26 +316,26 @@ BK_ALWAYS_INLINE void bwd_row(const acc_t* __restrict dy, const acc_t* __restric
 
 // The float versions are the hot ones: clone them per ISA. (target_clones needs non-template
 // functions; the always_inline bodies above are compiled anew inside each clone.)
-BK_MULTIVERSION
+BERTKERN_MULTIVERSION
 void fwd_row_f32(const float* in, const float* residual, float* zbuf, float* y, const float* weight,
                  const float* bias, int64_t n, float eps, float* mean_out, float* rstd_out) {
   fwd_row<float>(in, residual, zbuf, y, weight, bias, n, eps, mean_out, rstd_out);
 }
 
-BK_MULTIVERSION
+BERTKERN_MULTIVERSION
 RowStats<float> fwd_row_stats_f32(const float* in, const float* residual, float* zbuf, int64_t n,
                                   float eps) {
   return fwd_row_stats<float>(in, residual, zbuf, n, eps);
 }
 
-BK_MULTIVERSION
+BERTKERN_MULTIVERSION
 BwdRowSums<float> bwd_row_sums_f32(const float* dy, const float* z, float mean, float rstd,
                                    const float* weight, float* dweight_acc, float* dbias_acc,
                                    int64_t n) {
   return bwd_row_sums<float>(dy, z, mean, rstd, weight, dweight_acc, dbias_acc, n);
 }
 
-BK_MULTIVERSION
+BERTKERN_MULTIVERSION
 void bwd_row_f32(const float* dy, const float* z, float mean, float rstd, const float* weight,
                  const float* dresidual, float* dz, float* dweight_acc, float* dbias_acc,
                  int64_t n) {
@@ -342,7 +343,7 @@ void bwd_row_f32(const float* dy, const float* z, float mean, float rstd, const 
 }
 
 // Sums `chunks` partial rows of length n (chunk-major) into out[0:n], in chunk order.
-BK_MULTIVERSION
+BERTKERN_MULTIVERSION
 void sum_partials_f32(const float* partials, int64_t chunks, int64_t n, int64_t begin, int64_t end,
                       float* out) {
 #pragma omp simd
@@ -355,17 +356,12 @@ void sum_partials_f32(const float* partials, int64_t chunks, int64_t n, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Streaming (non-temporal) stores for large float32 outputs.
-//
-// An ordinary store first reads the destination line into the cache (read for ownership), so a
-// row pass that reads x and writes y moves three lines per line of y. When the op's data is far
-// larger than the last-level cache, keeping y in cache is of no use anyway, and non-temporal
-// stores write it straight to memory: a third less traffic for LayerNorm(x), a quarter less with
-// a residual. GCC does not emit them from plain loops, hence intrinsics, one function per ISA,
-// picked at run time.
+// Streaming (non-temporal) stores for large float32 outputs (why and when: cache_hints.h): a
+// third less memory traffic for LayerNorm(x), a quarter less with a residual. Intrinsics, one
+// function per ISA, picked at run time (cpu_features.h).
 // ---------------------------------------------------------------------------------------------
 
-#if BK_X86_DISPATCH
+#if BERTKERN_X86_DISPATCH
 // y = (z - mean) * rstd * weight + bias, and z_out = z when z_out is not null; weight and bias
 // are never null here. Rows need not be aligned: a scalar head runs up to the alignment of y.
 __attribute__((target("avx512f"))) void normalize_row_stream_avx512(
@@ -470,17 +466,12 @@ __attribute__((target("avx2,fma"))) void dz_row_stream_avx2(
 }
 #endif
 
-#if BK_X86_DISPATCH
-bool cpu_has_avx512f() { return __builtin_cpu_supports("avx512f"); }
-bool cpu_has_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-#endif
-
 using NormalizeStreamFn = void (*)(const float*, RowStats<float>, const float*, const float*,
                                    float*, float*, int64_t);
 
 // The streaming row writer for this CPU, or null where there is none.
 NormalizeStreamFn normalize_row_stream_fn() {
-#if BK_X86_DISPATCH
+#if BERTKERN_X86_DISPATCH
   static const NormalizeStreamFn fn = cpu_has_avx512f() ? normalize_row_stream_avx512
                                       : cpu_has_avx2_fma() ? normalize_row_stream_avx2
                                                            : nullptr;
@@ -494,7 +485,7 @@ using DzStreamFn = void (*)(const float*, const float*, float, float, const floa
                            BwdRowSums<float>, float*, int64_t);
 
 DzStreamFn dz_row_stream_fn() {
-#if BK_X86_DISPATCH
+#if BERTKERN_X86_DISPATCH
   static const DzStreamFn fn = cpu_has_avx512f() ? dz_row_stream_avx512
                                : cpu_has_avx2_fma() ? dz_row_stream_avx2
                                                     : nullptr;
@@ -504,46 +495,9 @@ DzStreamFn dz_row_stream_fn() {
 #endif
 }
 
-void store_fence() {
-#if BK_X86_DISPATCH
-  _mm_sfence();  // order the non-temporal stores before the op returns
-#endif
-}
-
-// Stream the outputs when everything the op reads and writes is beyond what a last-level cache
-// holds (32 MiB: one die's L3 on current server CPUs; sysconf reports the whole socket's, which
-// no single core sees): the outputs would not stay cached for the next op anyway.
-constexpr int64_t kStreamingBytes = int64_t(32) << 20;
-
+// Stream the outputs of an op that moves bytes_moved bytes, where this CPU has the writers.
 bool use_streaming_stores(int64_t bytes_moved) {
-  return bytes_moved >= kStreamingBytes && normalize_row_stream_fn() != nullptr;
-}
-
-// Software prefetch of the rows a little ahead of the one being computed: a row is read from
-// memory in its first pass only, and the later passes run from L1, during which the hardware
-// prefetcher alone leaves the memory idle. Prefetching ~4 KiB ahead keeps it busy. Rows longer
-// than kPrefetchMaxRowBytes are long streams in themselves, left to the hardware prefetcher.
-constexpr int64_t kPrefetchBytes = 4096;
-constexpr int64_t kPrefetchMaxRowBytes = 16384;
-
-// How many rows ahead to prefetch; 0: none.
-int64_t prefetch_rows_ahead(int64_t row_bytes) {
-  if (row_bytes <= 0 || row_bytes > kPrefetchMaxRowBytes) return 0;
-  return (kPrefetchBytes + row_bytes - 1) / row_bytes;
-}
-
-BK_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
-#if defined(__GNUC__)
-  const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-#endif
-}
-
-template <typename T>
-std::vector<float> vector_to_float(const T* src, int64_t n) {
-  std::vector<float> out(static_cast<size_t>(n));
-  to_float(src, out.data(), n);
-  return out;
+  return exceeds_cache(bytes_moved) && normalize_row_stream_fn() != nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------

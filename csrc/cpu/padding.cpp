@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/cpu_common.h"
 #include "padding_common.h"
 
 namespace bertkern {
@@ -24,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt> mask_to_indices_cpu(const at::Te
   int32_t* cu = cu_seqlens.data_ptr<int32_t>();
 
   std::vector<int64_t> seqlens(B);
-  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, parallel_grain(16384, S), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const bool* row = m + b * S;
       int64_t count = 0;
@@ -44,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt> mask_to_indices_cpu(const at::Te
 
   at::Tensor indices = at::empty({total}, mask.options().dtype(at::kLong));
   int64_t* idx = indices.data_ptr<int64_t>();
-  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, parallel_grain(16384, S), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const bool* row = m + b * S;
       int64_t out = cu[b];
@@ -93,7 +94,7 @@ void copy_rows_cpu(const at::Tensor& src, const at::Tensor& indices, at::Tensor&
   const int64_t* idx = indices.data_ptr<int64_t>();
   const char* s = static_cast<const char*>(src.data_ptr());
   char* d = static_cast<char*>(dst.data_ptr());
-  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1)), [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, n, parallel_grain(65536, row_bytes), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       if constexpr (kScatter) {
         std::memcpy(d + idx[t] * row_bytes, s + t * row_bytes, row_bytes);

@@ -14,7 +14,7 @@ namespace bertkern {
 // take the low halves only ((x & low) * A), and only low halves are returned. This is the shape
 // GCC vectorizes well across a loop over counters (64-bit lanes, about twice as fast as
 // widening uint32 lanes); unused output words are dead code after inlining.
-BK_ALWAYS_INLINE void philox4x32_10(uint64_t n, uint32_t key0, uint32_t key1, uint32_t& w0, uint32_t& w1,
+BERTKERN_ALWAYS_INLINE void philox4x32_10(uint64_t n, uint32_t key0, uint32_t key1, uint32_t& w0, uint32_t& w1,
                                     uint32_t& w2, uint32_t& w3) {
   constexpr uint64_t kLow = 0xffffffffu;
   constexpr uint64_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;

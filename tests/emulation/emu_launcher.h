@@ -50,4 +50,26 @@ struct EmuLauncher {
   }
 };
 
+// The max_blocks hook's value: the grid cap a test sets through bertkern_emu::_set_*_block_cap
+// (0: the real cap), read by every launching thread.
+class GridCap {
+ public:
+  // The cap to give a plan whose real cap is `real`.
+  int64_t or_real(int64_t real) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cap_ > 0 ? cap_ : real;
+  }
+  // Sets the cap (0: the real one); returns the previous one.
+  int64_t exchange(int64_t cap) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t previous = cap_;
+    cap_ = cap;
+    return previous;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  int64_t cap_ = 0;
+};
+
 }  // namespace emu_plans

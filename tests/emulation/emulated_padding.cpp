@@ -19,6 +19,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "schemas.h"
+
 #include <cstring>
 #include <mutex>
 #include <tuple>
@@ -32,13 +34,9 @@ namespace {
 
 using bertkern::cuda::RowCopyInfo;
 
-std::mutex cap_mutex;
-int64_t block_cap = 0;  // 0: the real plan
+emu_plans::GridCap block_cap;
 
-int64_t max_blocks() {
-  std::lock_guard<std::mutex> lock(cap_mutex);
-  return block_cap > 0 ? block_cap : bertkern::cuda::kMaxPaddingBlocks;
-}
+int64_t max_blocks() { return block_cap.or_real(bertkern::cuda::kMaxPaddingBlocks); }
 
 std::mutex last_copy_mutex;
 std::vector<int64_t> last_copy(5, 0);
@@ -139,10 +137,7 @@ at::Tensor scatter_rows(const at::Tensor& x_in, const at::Tensor& indices_in, in
 
 int64_t set_padding_block_cap(int64_t cap) {
   TORCH_CHECK_VALUE(cap >= 0, "_set_padding_block_cap: cap must be >= 0, got ", cap);
-  std::lock_guard<std::mutex> lock(cap_mutex);
-  const int64_t previous = block_cap;
-  block_cap = cap;
-  return previous;
+  return block_cap.exchange(cap);
 }
 
 std::vector<int64_t> padding_last_row_copy() {
@@ -153,11 +148,9 @@ std::vector<int64_t> padding_last_row_copy() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bertkern_emu, m) {
-  m.def(
-      "mask_to_indices(Tensor key_padding_mask) -> (Tensor indices, Tensor cu_seqlens, SymInt "
-      "max_seqlen)");
-  m.def("gather_rows(Tensor x, Tensor indices) -> Tensor");
-  m.def("scatter_rows(Tensor x_packed, Tensor indices, SymInt n_rows) -> Tensor");
+  m.def(bertkern::schema::kMaskToIndices);  // csrc/schemas.h
+  m.def(bertkern::schema::kGatherRows);
+  m.def(bertkern::schema::kScatterRows);
   m.def("_set_padding_block_cap(int cap) -> int", &set_padding_block_cap);
   m.def("_padding_last_row_copy() -> int[]", &padding_last_row_copy);
 }

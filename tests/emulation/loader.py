@@ -1,9 +1,9 @@
 """Build and load the test-only torch extension that runs csrc/cuda/*.cuh kernels on the CPU.
 
-The extension (emulated_ops.cpp and whatever else is in SOURCES) compiles the CUDA kernel
-headers with g++ against the host emulation of the CUDA execution model (cuda_host_emu.h) and
-registers CPU implementations under ``torch.ops.bertkern_emu`` with the same schemas as the real
-``torch.ops.bertkern`` ops. Nothing here imports bertkern.
+The extension (the files in SOURCES: emulated_layer_norm.cpp, emulated_padding.cpp) compiles
+the CUDA kernel headers with g++ against the host emulation of the CUDA execution model
+(cuda_host_emu.h) and registers CPU implementations under ``torch.ops.bertkern_emu`` with the
+same schemas as the real ``torch.ops.bertkern`` ops. Nothing here imports bertkern.
 
 The build is cached in tests/emulation/_build/ (git-ignored); torch's ninja build tracks header
 dependencies, so editing a .cuh or the emulation header rebuilds it.
@@ -20,7 +20,7 @@ CSRC = os.path.join(REPO_ROOT, "csrc")
 BUILD_ROOT = os.path.join(HERE, "_build")
 
 # Translation units of the extension. Kernels for more ops: add their launcher .cpp here.
-SOURCES = [os.path.join(HERE, "emulated_ops.cpp"), os.path.join(HERE, "emulated_padding.cpp")]
+SOURCES = [os.path.join(HERE, "emulated_layer_norm.cpp"), os.path.join(HERE, "emulated_padding.cpp")]
 EXTRA_CFLAGS = ["-O2", "-std=c++20"]
 INCLUDE_PATHS = [CSRC, HERE]
 EXTENSION_NAME = "bertkern_emu_ops"

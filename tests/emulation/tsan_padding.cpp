@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "emu_launcher.h"  // first: cuda_host_emu.h
+#include "tsan_report.h"
 #include "cuda/padding_launch.cuh"
 
 namespace {
@@ -226,7 +227,7 @@ bool run_mask_case(const MaskCase& c, uint64_t seed) {
   }
   g_block_cap = 0;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("%s %-16s B=%lld S=%lld cap=%lld T=%lld max=%lld%s | %.1f s\n", ok ? "ok  " : "FAIL", c.name,
+  std::printf("%s %-16s B=%lld S=%lld cap=%lld T=%lld max=%lld%s | %.1f s\n", emu_report::status(ok), c.name,
               static_cast<long long>(B), static_cast<long long>(S), static_cast<long long>(c.block_cap),
               static_cast<long long>(stats.total), static_cast<long long>(stats.max_seqlen), detail.c_str(), secs);
   return ok;
@@ -253,7 +254,7 @@ bool run_bad_index_case(bool scatter, int64_t bad, int64_t row_bytes, int64_t bl
   g_block_cap = 0;
   const char* expect = scatter ? "scatter_rows: index out of range" : "gather_rows: index out of range";
   const bool ok = message.find(expect) != std::string::npos && out.guard_intact() && x.guard_intact();
-  std::printf("%s bad index %s indices[3]=%lld rows%lld cap=%lld: %s\n", ok ? "ok  " : "FAIL",
+  std::printf("%s bad index %s indices[3]=%lld rows%lld cap=%lld: %s\n", emu_report::status(ok),
               scatter ? "scatter" : "gather ", static_cast<long long>(bad), static_cast<long long>(row_bytes),
               static_cast<long long>(block_cap), message.empty() ? "(no error)" : message.c_str());
   return ok;
@@ -277,14 +278,14 @@ bool check_plans() {
       }
     }
   }
-  std::printf("%s launch plan helpers\n", ok ? "ok  " : "FAIL");
   return ok;
 }
 
 }  // namespace
 
 int main() {
-  int failures = check_plans() ? 0 : 1;
+  emu_report::Failures failures;
+  failures.check("launch plan helpers", check_plans());
   // Row widths: 3 (uint8), 6 (uint16), 20 (uint32), 48 (16-byte packs; every other width is
   // also run 4 bytes past a 16-byte boundary: 48 then takes uint32), 1040 (65 packs: 96 threads
   // per row, 2 rows per block), 4097 (uint8: 17 passes of 256 threads over the row).
@@ -302,11 +303,10 @@ int main() {
       {"stride_chunks", Kind::kScattered, 5, 600, 2, {6}},
   };
   uint64_t seed = 1;
-  for (const MaskCase& c : cases) failures += run_mask_case(c, seed++) ? 0 : 1;
-  failures += run_bad_index_case(false, 10, 48, 0) ? 0 : 1;
-  failures += run_bad_index_case(false, -1, 3, 0) ? 0 : 1;
-  failures += run_bad_index_case(true, 10, 20, 0) ? 0 : 1;
-  failures += run_bad_index_case(true, -3, 1040, 1) ? 0 : 1;
-  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
-  return failures ? 1 : 0;
+  for (const MaskCase& c : cases) failures.add(run_mask_case(c, seed++));
+  failures.add(run_bad_index_case(false, 10, 48, 0));
+  failures.add(run_bad_index_case(false, -1, 3, 0));
+  failures.add(run_bad_index_case(true, 10, 20, 0));
+  failures.add(run_bad_index_case(true, -3, 1040, 1));
+  return failures.finish();
 }

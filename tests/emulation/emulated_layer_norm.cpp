@@ -1,9 +1,9 @@
-// Test-only torch extension: the CUDA kernels of csrc/cuda/*.cuh, compiled with g++ against the
-// CUDA host emulation (cuda_host_emu.h), registered for CPU tensors under the bertkern_emu
-// namespace with the same schemas as the real ops (csrc/ops.cpp). Each op does what the real
-// CUDA launcher (csrc/cuda/layer_norm.cu) does (argument checks, output allocation, special
-// cases) and runs the real launch plan (csrc/cuda/layer_norm_launch.cuh) on CPU tensors through
-// emu::launch. Built and loaded by tests/emulation/loader.py.
+// Test-only torch extension, part 1: the LayerNorm CUDA kernels of csrc/cuda/layer_norm.cuh,
+// compiled with g++ against the CUDA host emulation (cuda_host_emu.h), registered for CPU tensors
+// under the bertkern_emu namespace with the same schemas as the real ops (csrc/ops.cpp). Each op
+// does what the real CUDA launcher (csrc/cuda/layer_norm.cu) does (argument checks, output
+// allocation, special cases) and runs the real launch plan (csrc/cuda/layer_norm_launch.cuh) on
+// CPU tensors through emu::launch. Built and loaded by tests/emulation/loader.py.
 //
 // Extra test hooks (no counterpart in bertkern):
 //   bertkern_emu::_set_row_block_cap(int cap) -> int   caps the row kernels' grid at `cap`
@@ -21,6 +21,8 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "schemas.h"
+
 #include <cmath>
 #include <mutex>
 #include <tuple>
@@ -34,14 +36,11 @@ namespace {
 
 using bertkern::cuda::LayerNormPlan;
 
+emu_plans::GridCap row_block_cap;
 std::mutex plan_mutex;
-int64_t row_block_cap = 0;
 std::vector<int64_t> last_plan[2] = {std::vector<int64_t>(8, 0), std::vector<int64_t>(8, 0)};
 
-int64_t max_blocks() {
-  std::lock_guard<std::mutex> lock(plan_mutex);
-  return row_block_cap > 0 ? row_block_cap : bertkern::cuda::kMaxRowBlocks;
-}
+int64_t max_blocks() { return row_block_cap.or_real(bertkern::cuda::kMaxRowBlocks); }
 
 void record_plan(bool backward, const LayerNormPlan* plan, size_t n_launches) {
   std::lock_guard<std::mutex> lock(plan_mutex);
@@ -176,10 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
 
 int64_t set_row_block_cap(int64_t cap) {
   TORCH_CHECK_VALUE(cap >= 0, "_set_row_block_cap: cap must be >= 0, got ", cap);
-  std::lock_guard<std::mutex> lock(plan_mutex);
-  const int64_t previous = row_block_cap;
-  row_block_cap = cap;
-  return previous;
+  return row_block_cap.exchange(cap);
 }
 
 std::vector<int64_t> layer_norm_last_plan(bool backward) {
@@ -190,12 +186,8 @@ std::vector<int64_t> layer_norm_last_plan(bool backward) {
 }  // namespace
 
 TORCH_LIBRARY(bertkern_emu, m) {
-  m.def(
-      "layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
-      "bool store_residual) -> (Tensor y, Tensor residual_out, Tensor mean, Tensor rstd)");
-  m.def(
-      "layer_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor z, Tensor mean, Tensor rstd, "
-      "Tensor? weight, bool has_bias) -> (Tensor dz, Tensor dweight, Tensor dbias)");
+  m.def(bertkern::schema::kLayerNormFwd);  // csrc/schemas.h: the bertkern operators' own schemas
+  m.def(bertkern::schema::kLayerNormBwd);
   m.def("_set_row_block_cap(int cap) -> int", &set_row_block_cap);
   m.def("_layer_norm_last_plan(bool backward) -> int[]", &layer_norm_last_plan);
 }

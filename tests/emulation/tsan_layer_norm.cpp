@@ -4,7 +4,7 @@
 // with -fsanitize=thread (only the header-only c10::Half / c10::BFloat16 come from torch's
 // include dir). tests/test_emulated_layer_norm.py builds and runs it:
 //   g++ -std=c++20 -O1 -g -fsanitize=thread -pthread -I<torch include> -Icsrc -Itests/emulation
-//       tests/emulation/tsan_main.cpp -o tsan_main
+//       tests/emulation/tsan_layer_norm.cpp -o tsan_layer_norm
 // Prints one line per case and a summary; exits 1 on any mismatch (and with TSan's exitcode
 // when TSan reported something).
 #include <chrono>
@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include "emu_launcher.h"  // first: cuda_host_emu.h
+#include "tsan_report.h"
 #include "cuda/layer_norm_launch.cuh"
 
 namespace {
@@ -239,7 +240,7 @@ bool run_case(const Case& c, uint64_t seed) {
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::printf("%s %-8s %s path=%s (fwd %dx%d iters %d, bwd %dx%d iters %d, %lld blocks) vec=%d/%d partials=%lld | err/tol mean %.3f rstd %.3f y %.3f z %s dz %.3f dw %.3f db %.3f | %.1f s\n",
-              ok ? "ok  " : "FAIL", type_name<T>(), describe(c).c_str(), path, fplan.threads_x,
+              emu_report::status(ok), type_name<T>(), describe(c).c_str(), path, fplan.threads_x,
               fplan.rows_y, fplan.iters, bplan.threads_x, bplan.rows_y, bplan.iters,
               static_cast<long long>(bplan.blocks), vec, vec_b, static_cast<long long>(chunks), c_mean.worst, c_rstd.worst, c_y.worst,
               z_exact ? "exact" : "WRONG", c_dz.worst, c_dw.worst, c_db.worst, secs);
@@ -310,14 +311,14 @@ bool check_plans() {
       }
     }
   }
-  std::printf("%s launch plan helpers\n", ok ? "ok  " : "FAIL");
   return ok;
 }
 
 }  // namespace
 
 int main() {
-  int failures = check_plans() ? 0 : 1;
+  emu_report::Failures failures;
+  failures.check("launch plan helpers", check_plans());
   uint64_t seed = 1;
   // path: forward then backward plan, 'w' warp per row, 'b' block per row, 'l' loop path.
   //                M     N     res    w      b      store  dres   misal  cap off   vec path
@@ -340,7 +341,7 @@ int main() {
       {2, 12000, true, true, true, true, true, false, 0, 0.f, 4, "bl"},   // bwd loop path
       {2, 16385, true, true, true, true, true, true, 0, 0.f, 1, "ll"},    // loop path, unvectorized
   };
-  for (const Case& c : float_cases) failures += run_case<float>(c, seed++) ? 0 : 1;
+  for (const Case& c : float_cases) failures.add(run_case<float>(c, seed++));
   const Case half_cases[] = {
       {2, 768, true, true, true, true, true, false, 0, 0.f, 8, "ww"},
       {3, 1023, true, true, true, true, true, false, 0, 0.f, 1, "wb"},
@@ -349,13 +350,12 @@ int main() {
       {7, 768, true, true, true, true, true, false, 1, 0.f, 8, "ww"},  // bwd 64x4, 1 block, tail row idle
       {2, 32776, false, true, true, false, false, false, 0, 0.f, 8, "ll"},  // loop path
   };
-  for (const Case& c : half_cases) failures += run_case<c10::Half>(c, seed++) ? 0 : 1;
+  for (const Case& c : half_cases) failures.add(run_case<c10::Half>(c, seed++));
   const Case bf16_cases[] = {
       {2, 768, true, true, true, true, true, false, 0, 0.f, 8, "ww"},
       {3, 1023, false, true, false, false, false, false, 0, 0.f, 1, "wb"},
       {100, 24, true, true, true, true, true, false, 3, 0.f, 8, "ww"},  // 3 blocks of 8 warps sum partials
   };
-  for (const Case& c : bf16_cases) failures += run_case<c10::BFloat16>(c, seed++) ? 0 : 1;
-  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
-  return failures ? 1 : 0;
+  for (const Case& c : bf16_cases) failures.add(run_case<c10::BFloat16>(c, seed++));
+  return failures.finish();
 }

@@ -18,8 +18,8 @@ How the key padding mask (B, S), True = padding, travels:
 
   * LayerSplitEncoder, torch: the padded activations (B, S, E) and the mask are moved to each
     stage's device; each stage is an ``nn.TransformerEncoder`` over its layers.
-  * LayerSplitEncoder, bertkern: padding is removed once on devices[0] (mask -> indices,
-    cu_seqlens, max_seqlen; gather the T real tokens), the packed tokens (T, E) and cu_seqlens go
+  * LayerSplitEncoder, bertkern: padding is removed once on devices[0] (``bertkern.ops.padding.
+    Packing``: gather the T real tokens), the packed tokens (T, E) and cu_seqlens go
     from stage to stage through ``Encoder.forward_packed``, padding is put back once on the last
     device. Only real tokens cross devices.
   * PipelineRunner: the mask is a keyword argument of ``schedule.step(...)`` on every rank. The
@@ -221,21 +221,19 @@ class LayerSplitEncoder(nn.Module):
         return (src.shape[0], src.shape[1]) if batch_first else (src.shape[1], src.shape[0])
 
     def _forward_packed(self, src, kpm, causal):
+        from bertkern.ops.padding import Packing
+
         dev0 = self.devices[0]
         src = src.to(dev0)
         batch, seqlen = self._batch_seq(src)
         batch_first = self.stages[0]._batch_first
-        if kpm is None:
-            kpm = torch.zeros(batch, seqlen, dtype=torch.bool, device=dev0)
-        indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(kpm.to(dev0))
-        if not batch_first:  # token (b, s) is row s * B + b of src viewed as (S * B, E)
-            indices = (indices % seqlen) * batch + torch.div(indices, seqlen, rounding_mode="floor")
-        x = torch.ops.bertkern.gather_rows(src.reshape(batch * seqlen, src.shape[-1]), indices)
+        packing = (Packing.full(batch, seqlen, dev0, batch_first) if kpm is None
+                   else Packing.from_mask(kpm.to(dev0), batch_first))
+        x, cu_seqlens = packing.pack(src), packing.cu_seqlens
         for stage, dev in zip(self.stages, self.devices):
             x, cu_seqlens = x.to(dev), cu_seqlens.to(dev)
-            x = stage.forward_packed(x, cu_seqlens, max_seqlen, causal=causal)
-        out = torch.ops.bertkern.scatter_rows(x, indices.to(self.devices[-1]), batch * seqlen)
-        return out.view(batch, seqlen, -1) if batch_first else out.view(seqlen, batch, -1)
+            x = stage.forward_packed(x, cu_seqlens, packing.max_seqlen, causal=causal)
+        return packing.to(self.devices[-1]).unpack(x)
 
 
 # ---- memory ------------------------------------------------------------------------------------

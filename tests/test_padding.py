@@ -1,5 +1,5 @@
-"""bertkern.ops.unpad / pad / mask_to_indices and the mask helpers, against the pure-PyTorch
-reference (CPU path, and CUDA when a GPU is present)."""
+"""bertkern.ops.unpad / pad / mask_to_indices, the Packing object and the mask helpers, against
+the pure-PyTorch reference (CPU path, and CUDA when a GPU is present)."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +13,7 @@ from bertkern.ops import (
     pad,
     unpad,
 )
+from bertkern.ops.padding import Packing
 from tests.reference import pad_ref, unpad_ref
 
 
@@ -195,3 +196,134 @@ def test_bad_input():
     # direct operator calls check too
     with pytest.raises(TypeError, match="bool"):
         torch.ops.bertkern.mask_to_indices(torch.zeros(2, 3))
+
+
+# ---- Packing: the one packing object every caller uses -------------------------------------------
+
+def _padded(x, batch_first):
+    """(B, S, *F) in the given layout: seq-first is (S, B, *F), contiguous."""
+    return x if batch_first else x.transpose(0, 1).contiguous()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("batch,seqlen", BS)
+def test_packing_from_mask_matches_reference(batch_first, kind, batch, seqlen):
+    mask = make_mask(kind, batch, seqlen)
+    x = torch.randn(batch, seqlen, 3, 2)
+    ref_packed, ref_indices, ref_cu, ref_max = unpad_ref(x, mask)
+    packing = Packing.from_mask(mask, batch_first)
+    assert (packing.batch, packing.seqlen, packing.batch_first) == (batch, seqlen, batch_first)
+    assert packing.padded_shape == ((batch, seqlen) if batch_first else (seqlen, batch))
+    assert torch.equal(packing.cu_seqlens, ref_cu) and packing.max_seqlen == ref_max
+    packed = packing.pack(_padded(x, batch_first))
+    torch.testing.assert_close(packed, ref_packed, atol=0, rtol=0)
+    back = packing.unpack(packed)
+    torch.testing.assert_close(back, _padded(pad_ref(ref_packed, ref_indices, batch, seqlen), batch_first),
+                               atol=0, rtol=0)
+    if batch_first:
+        assert torch.equal(packing.indices, ref_indices)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("batch,seqlen", BS)
+def test_packing_full_is_the_no_padding_case(batch_first, batch, seqlen):
+    x = torch.randn(batch, seqlen, 4)
+    mask = torch.zeros(batch, seqlen, dtype=torch.bool)
+    packing = Packing.full(batch, seqlen, x.device, batch_first)
+    ref = Packing.from_mask(mask, batch_first)
+    assert torch.equal(packing.cu_seqlens, ref.cu_seqlens) and packing.max_seqlen == seqlen
+    xp = _padded(x, batch_first)
+    packed = packing.pack(xp)
+    torch.testing.assert_close(packed, unpad_ref(x, mask)[0], atol=0, rtol=0)
+    torch.testing.assert_close(packing.unpack(packed), xp, atol=0, rtol=0)
+    if batch_first:  # reshapes only: no gather, no scatter
+        assert packing.indices is None
+        if x.numel():
+            assert packed.data_ptr() == x.data_ptr() and packing.unpack(packed).data_ptr() == x.data_ptr()
+    else:
+        assert torch.equal(packing.indices, ref.indices)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_packing_fully_padded_and_empty_batches(batch_first):
+    for batch, seqlen in [(3, 4), (0, 4), (3, 0)]:
+        mask = torch.ones(batch, seqlen, dtype=torch.bool)
+        x = torch.randn(batch, seqlen, 2, requires_grad=True)
+        packing = Packing.from_mask(mask, batch_first)
+        packed = packing.pack(_padded(x, batch_first))
+        assert packed.shape == (0, 2) and packing.max_seqlen == 0
+        assert packing.cu_seqlens.tolist() == [0] * (batch + 1)
+        out = packing.unpack(packed)
+        assert torch.equal(out, torch.zeros(*packing.padded_shape, 2))
+        out.sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["scattered", "none", "one_empty"])
+def test_packing_gradients(batch_first, kind):
+    mask = make_mask(kind, 3, 5, seed=1)
+    packing = Packing.from_mask(mask, batch_first)
+    x = torch.randn(*packing.padded_shape, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(packing.pack, (x,))
+    packed = packing.pack(x.detach()).requires_grad_(True)
+    assert torch.autograd.gradcheck(packing.unpack, (packed,))
+    full = Packing.full(3, 5, None, batch_first)
+    assert torch.autograd.gradcheck(lambda t: full.unpack(full.pack(t) * 2), (x,))
+    # pack's backward is unpack's forward (scatter into zeros) and the other way round
+    g = torch.randn(packing.pack(x).shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(packing.pack(x), x, g)
+    assert torch.equal(grad, packing.unpack(g))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["right", "none", "all", "one_empty"])
+def test_packing_from_cu_seqlens_is_the_left_aligned_batch(batch_first, kind):
+    mask = make_mask("right" if kind == "one_empty" else kind, 4, 6, seed=2)
+    if kind == "one_empty":
+        mask[1] = True
+    by_mask = Packing.from_mask(mask, batch_first)
+    x = torch.randn(by_mask.cu_seqlens[-1].item(), 5)
+    packing = Packing.from_cu_seqlens(by_mask.cu_seqlens, by_mask.max_seqlen, x.shape[0], batch_first)
+    assert packing.padded_shape == ((4, by_mask.max_seqlen) if batch_first else (by_mask.max_seqlen, 4))
+    assert torch.equal(packing.key_padding_mask(), mask[:, :by_mask.max_seqlen])
+    padded = packing.unpack(x)
+    torch.testing.assert_close(packing.pack(padded), x, atol=0, rtol=0)
+    trimmed = Packing.from_mask(mask[:, :by_mask.max_seqlen], batch_first)
+    torch.testing.assert_close(padded, trimmed.unpack(x), atol=0, rtol=0)
+
+
+def test_packing_compiles_fullgraph_and_runs_on_meta():
+    def roundtrip(x, mask, batch_first):
+        packing = Packing.from_mask(mask, batch_first)
+        return packing.unpack(torch.tanh(packing.pack(x))), packing.cu_seqlens
+
+    def full(x):
+        packing = Packing.full(x.shape[1], x.shape[0], x.device, batch_first=False)
+        return packing.unpack(packing.pack(x) * 2)
+
+    compiled = torch.compile(roundtrip, fullgraph=True, dynamic=True)
+    for batch_first in (True, False):
+        for kind in ("scattered", "right", "all"):
+            mask = make_mask(kind, 3, 10)
+            x = torch.randn(3, 10, 4) if batch_first else torch.randn(10, 3, 4)
+            for a, b in zip(compiled(x, mask, batch_first), roundtrip(x, mask, batch_first)):
+                torch.testing.assert_close(a, b)
+    x = torch.randn(7, 3, 4)
+    torch.testing.assert_close(torch.compile(full, fullgraph=True, dynamic=True)(x), x * 2)
+    # meta: no data, so the upper bound (every position real), as mask_to_indices' meta kernel
+    packing = Packing.from_mask(torch.zeros(2, 5, dtype=torch.bool, device="meta"), batch_first=False)
+    out = packing.unpack(packing.pack(torch.empty(5, 2, 8, device="meta")))
+    assert out.shape == (5, 2, 8) and out.device.type == "meta"
+
+
+def test_packing_to_and_bad_input():
+    packing = Packing.from_mask(make_mask("scattered", 2, 3))
+    moved = packing.to("meta")
+    assert moved.indices.device.type == "meta" and moved.cu_seqlens.device.type == "meta"
+    assert moved.max_seqlen == packing.max_seqlen and packing.indices.device.type == "cpu"
+    with pytest.raises(ValueError, match=r"Packing.pack: x has shape \(3, 2, 4\), expected \(2, 3\)"):
+        packing.pack(torch.randn(3, 2, 4))  # a seq-first tensor for a batch-first packing
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
+        Packing.from_mask(torch.zeros(2, 3))

@@ -39,6 +39,7 @@ from bertkern.nn._contract import has_hooks, is_stock, pure_torch
 from bertkern.nn._fused import LINEARS, call_dropout, call_linear, call_norm
 from bertkern.ops.attention import attention_varlen
 from bertkern.ops.linear import linear
+from bertkern.ops.padding import Packing, key_padding_mask_from_attention_mask
 
 __all__ = ["optimize", "restore", "is_optimized", "SUPPORTED"]
 
@@ -220,46 +221,30 @@ def _packed_forward(model, input_ids, attention_mask, token_type_ids, position_i
         token_type_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
     token_type_ids = token_type_ids.expand(batch, seqlen)
 
-    if attention_mask is None:
-        indices = None
-        cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
-        max_seqlen = seqlen
-
-        def real(t):
-            return t.reshape(batch * seqlen, *t.shape[2:])
-    else:
-        key_padding_mask = attention_mask == 0  # HF: 1 = keep; torch / bertkern: True = padding
-        indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
-
-        def real(t):
-            return torch.ops.bertkern.gather_rows(t.reshape(batch * seqlen, *t.shape[2:]), indices)
-
+    # Padding removed once (with no attention_mask, pack / unpack are reshapes).
+    packing = (Packing.full(batch, seqlen, device) if attention_mask is None
+               else Packing.from_mask(key_padding_mask_from_attention_mask(attention_mask)))
+    real = packing.pack
     x = emb(input_ids=None if input_ids is None else real(input_ids)[None],
             token_type_ids=real(token_type_ids)[None], position_ids=real(position_ids)[None],
             inputs_embeds=None if inputs_embeds is None else real(inputs_embeds)[None])[0]
     if hasattr(model, "embeddings_project"):  # ELECTRA with embedding_size != hidden_size
         x = model.embeddings_project(x)
 
-    def padded(t):
-        if indices is None:
-            return t.reshape(batch, seqlen, t.shape[-1])
-        out = torch.ops.bertkern.scatter_rows(t, indices, batch * seqlen)
-        return torch.ops.aten._unsafe_view(out, (batch, seqlen, t.shape[-1]))
-
     want_hidden = bool(kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False)))
     hidden_states = [x] if want_hidden else None
     for layer in model.encoder.layer:
-        x = _layer(layer, x, cu_seqlens, max_seqlen)
+        x = _layer(layer, x, packing.cu_seqlens, packing.max_seqlen)
         if want_hidden:
             hidden_states.append(x)
-    last = padded(x)
+    last = packing.unpack(x)
     fields = {"last_hidden_state": last}
     output_cls = getattr(modeling_outputs, SUPPORTED[_supported_name(model)])
     if "pooler_output" in output_cls.__dataclass_fields__:
         pooler = getattr(model, "pooler", None)
         fields["pooler_output"] = pooler(last) if pooler is not None else None
     if want_hidden:
-        fields["hidden_states"] = tuple(padded(h) for h in hidden_states[:-1]) + (last,)
+        fields["hidden_states"] = tuple(packing.unpack(h) for h in hidden_states[:-1]) + (last,)
     out = output_cls(**fields)
     return_dict = kwargs.get("return_dict")
     if return_dict is None:

@@ -4,7 +4,7 @@ Data flow::
 
     input_ids (B, S) + attention_mask (B, S), HF's convention: 1 = keep, 0 = padding
       -> key_padding_mask = attention_mask == 0          (torch's convention, True = padding)
-      -> indices (T,), cu_seqlens (B+1,), max_seqlen      torch.ops.bertkern.mask_to_indices
+      -> indices (T,), cu_seqlens (B+1,), max_seqlen      bertkern.ops.padding.Packing
       -> gather the T real ids (word, position, token type), embed, LayerNorm, dropout  (T, H)
       -> bertkern.Encoder.forward_packed: every layer on the T real tokens           (T, H)
       -> scatter back once                                  last_hidden_state (B, S, H)
@@ -36,7 +36,7 @@ from torch import nn
 from bertkern.nn._contract import pure_torch
 from bertkern.nn.encoder import Encoder, EncoderLayer
 from bertkern.nn.layer_norm import LayerNorm
-from bertkern.ops.padding import key_padding_mask_from_attention_mask
+from bertkern.ops.padding import Packing, key_padding_mask_from_attention_mask
 
 __all__ = ["BertConfig", "BertModel", "BertModelOutput"]
 
@@ -323,32 +323,17 @@ class BertModel(nn.Module):
                 raise ValueError("BertModel: output_hidden_states is not exported; export last_hidden_state")
             hidden = self._forward_padded(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         else:
-            if attention_mask is None:
-                # No padding: the batch is already packed; no gather, no scatter.
-                indices, max_seqlen = None, seqlen
-                cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
-
-                def real(t):
-                    return t.reshape(batch * seqlen, *t.shape[2:])
-            else:
-                key_padding_mask = key_padding_mask_from_attention_mask(attention_mask)  # True = padding
-                indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
-
-                def real(t):
-                    return torch.ops.bertkern.gather_rows(t.reshape(batch * seqlen, *t.shape[2:]), indices)
-
-            def padded(x):
-                if indices is not None:
-                    x = torch.ops.bertkern.scatter_rows(x, indices, batch * seqlen)
-                return torch.ops.aten._unsafe_view(x, (batch, seqlen, hidden_size))
-
+            # Padding removed once (with no attention_mask, pack / unpack are reshapes).
+            packing = (Packing.full(batch, seqlen, device) if attention_mask is None
+                       else Packing.from_mask(key_padding_mask_from_attention_mask(attention_mask)))
+            real = packing.pack
             x = self.embeddings(None if input_ids is None else real(input_ids), real(position_ids),
                                 None if token_type_ids is None else real(token_type_ids),
                                 None if inputs_embeds is None else real(inputs_embeds))
             if layers is not None:
                 layers.append(x)
-            x = self.encoder.forward_packed(x, cu_seqlens, max_seqlen, hidden_states=layers)
-            hidden = padded(x)
+            x = self.encoder.forward_packed(x, packing.cu_seqlens, packing.max_seqlen, hidden_states=layers)
+            hidden = packing.unpack(x)
 
         pooled = None
         if self.pooler is not None:
@@ -356,7 +341,7 @@ class BertModel(nn.Module):
             pooled = self.pooler(first)
         hidden_states = None
         if layers is not None:
-            hidden_states = tuple(padded(h) for h in layers[:-1]) + (hidden,)
+            hidden_states = tuple(packing.unpack(h) for h in layers[:-1]) + (hidden,)
         out = BertModelOutput(hidden, pooled, hidden_states)
         return out.to_tuple() if return_dict is False else out
 

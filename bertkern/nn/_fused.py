@@ -30,19 +30,16 @@ def call_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def call_dropout(module: nn.Module, x: torch.Tensor, relu: bool = False, inplace_ok: bool = False) -> torch.Tensor:
-    """``module(relu(x) if relu else x)`` for an nn.Dropout module; on CPU one fused pass
-    (bertkern.ops.dropout: the mask is never stored). ``inplace_ok``: ``x`` is a fresh GEMM
-    output that nothing else reads, so a ReLU without dropout may run in place."""
+    """``module(relu(x) if relu else x)`` for an nn.Dropout module; a stock one runs
+    ``bertkern.ops.dropout``, which picks the kernel for the device (on CPU one fused pass, the
+    mask never stored). ``inplace_ok``: ``x`` is a fresh GEMM output that nothing else reads, so
+    a ReLU without dropout may run in place."""
     if not is_stock(module, nn.Dropout) or pure_torch():  # a user's own module, or hooks: call it
         return module(F.relu(x) if relu else x)
     p = module.p if module.training else 0.0
-    if p == 0.0:
-        if not relu:
-            return x
+    if p == 0.0 and relu:
         return x.relu_() if inplace_ok else F.relu(x)
-    if x.device.type == "cpu" and p < 1.0:
-        return fused_dropout(x, p, True, relu=relu)
-    return module(F.relu(x) if relu else x)
+    return fused_dropout(x, p, True, relu=relu)
 
 
 def call_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, return_residual: bool = False):

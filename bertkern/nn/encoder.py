@@ -1,10 +1,10 @@
 """bertkern.EncoderLayer / bertkern.Encoder: drop-in nn.TransformerEncoderLayer / Encoder that
 compute real tokens only.
 
-Data flow (DESIGN.md in the team's shared notes; README "What drop-in means")::
+Data flow (README "What drop-in means", docs/drop-in.md)::
 
     src (B, S, E) + src_key_padding_mask (B, S), True = padding
-      -> gather the T real tokens once                            x (T, E), cu_seqlens, max_seqlen
+      -> gather the T real tokens once (bertkern.ops.padding.Packing) x (T, E), cu_seqlens, max_seqlen
       -> per layer, called as a module: layer(x, is_causal=..., cu_seqlens=..., max_seqlen=...)
          self_attn(x, x, x, need_weights=False, cu_seqlens=...)   one QKV GEMM, varlen attention
          norm1 / norm2 fused with the residual add, linear1 / linear2 on (T, E)
@@ -49,7 +49,7 @@ from bertkern.nn._fused import LAYER_NORMS as _LAYER_NORMS
 from bertkern.nn._fused import call_dropout, call_linear, call_norm
 from bertkern.nn.attention import MultiheadAttention, causal_mask
 from bertkern.nn.layer_norm import LayerNorm
-from bertkern.ops.padding import pad_packed
+from bertkern.ops.padding import Packing
 
 __all__ = ["EncoderLayer", "Encoder"]
 
@@ -453,15 +453,13 @@ def _takes_packed(layer: nn.Module) -> bool:
 def _call_padded(fn, x, cu_seqlens, max_seqlen, causal, batch_first):
     """``fn(x_padded, key_padding_mask, attn_mask, is_causal)`` on the padded batch of the packed
     tokens ``x`` (T, E), in the layout ``batch_first`` says; returns its result packed again."""
-    xp, kpm, indices = pad_packed(x, cu_seqlens, max_seqlen)
+    packing = Packing.from_cu_seqlens(cu_seqlens, max_seqlen, x.shape[0], batch_first)
     # An empty sequence would be a row with no key (NaN in torch's attention, NaN gradients
     # after): let it see its first (zero, never gathered) position.
-    kpm_call = kpm.clone()
-    kpm_call[:, :1] = False
+    kpm = packing.key_padding_mask()
+    kpm[:, :1] = False
     mask = causal_mask(max_seqlen, x.device) if causal else None
-    out = fn(xp if batch_first else xp.transpose(0, 1), kpm_call, mask, causal)
-    out = out if batch_first else out.transpose(0, 1)
-    return torch.ops.bertkern.gather_rows(out.reshape(-1, out.shape[-1]), indices)
+    return packing.pack(fn(packing.unpack(x), kpm, mask, causal))
 
 
 def _call_layer_packed(layer, x, cu_seqlens, max_seqlen, causal):
@@ -600,38 +598,22 @@ def _run(layers, norm, batch_first, d_model, nhead, src, mask, key_padding_mask,
             attn_mask = mask
 
     head_dim = d_model // nhead
-    triton_ok = src.device.type in ("cpu", "meta") or (head_dim % 8 == 0 and head_dim <= 128)
+    if src.device.type in ("cpu", "meta"):
+        triton_ok = True
+    else:
+        from bertkern.ops.attention_triton import triton_supports_head_dim  # imports triton
+
+        triton_ok = triton_supports_head_dim(head_dim)
     if attn_mask is not None or kpm_bias is not None or not triton_ok or pure_torch():
         kpm = kpm_bias if kpm_bias is not None else pad_mask
         mask_for_layers = attn_mask if attn_mask is not None else (causal_mask(seqlen, src.device) if causal else None)
         out = _run_padded(layers, norm, src, mask_for_layers, kpm, causal, pad_mask, batch_first, call_layers)
         return out.squeeze(0 if batch_first else 1) if unbatched else out
 
-    e = src.shape[-1]
-    if pad_mask is None and batch_first:
-        # No padding: the batch is already packed; no gather, no scatter.
-        x = src.reshape(batch * seqlen, e)
-        cu = torch.arange(batch + 1, dtype=torch.int32, device=src.device) * seqlen
-        out = _run_packed(layers, norm, x, cu, seqlen, causal, call_layers)
-        return _fresh_view(out, (seqlen, out.shape[-1]) if unbatched else (batch, seqlen, out.shape[-1]))
-    if pad_mask is None:
-        pad_mask = torch.zeros(batch, seqlen, dtype=torch.bool, device=src.device)
-    indices, cu, max_seqlen = torch.ops.bertkern.mask_to_indices(pad_mask)
-    if not batch_first:
-        # token (b, s) lives in row s * B + b of src viewed as (S * B, E): gather / scatter there,
-        # so neither src nor the output is ever transposed.
-        indices = (indices % seqlen) * batch + torch.div(indices, seqlen, rounding_mode="floor")
-    x = torch.ops.bertkern.gather_rows(src.reshape(batch * seqlen, e), indices)
-    x = _run_packed(layers, norm, x, cu, max_seqlen, causal, call_layers)
-    out = torch.ops.bertkern.scatter_rows(x, indices, batch * seqlen)
-    e_out = x.shape[-1]
-    if unbatched:
-        return _fresh_view(out, (seqlen, e_out))
-    return _fresh_view(out, (batch, seqlen, e_out) if batch_first else (seqlen, batch, e_out))
-
-
-def _fresh_view(out: torch.Tensor, shape) -> torch.Tensor:
-    """``out.view(shape)`` returned as a tensor that autograd does not treat as a view (what
-    torch's matmul does): FSDP2 registers its backward hooks on a module's outputs, and an
-    in-place op on a returned view would drop them (wrong gradients, silently)."""
-    return torch.ops.aten._unsafe_view(out, shape)
+    # Padding removed once here and put back once at exit (no padding, batch-first: reshapes).
+    packing = (Packing.full(batch, seqlen, src.device, batch_first) if pad_mask is None
+               else Packing.from_mask(pad_mask, batch_first))
+    x = _run_packed(layers, norm, packing.pack(src), packing.cu_seqlens, packing.max_seqlen, causal, call_layers)
+    out = packing.unpack(x)
+    # Unbatched: reshaped, again as no autograd view (see Packing.unpack: FSDP2's output hooks).
+    return torch.ops.aten._unsafe_view(out, (seqlen, out.shape[-1])) if unbatched else out

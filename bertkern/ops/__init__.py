@@ -7,6 +7,7 @@ from bertkern.ops.dropout import dropout
 from bertkern.ops.layer_norm import layer_norm
 from bertkern.ops.linear import linear, set_cpu_gemm
 from bertkern.ops.padding import (
+    Packing,
     key_padding_mask_from_attention_mask,
     key_padding_mask_from_lengths,
     mask_to_indices,
@@ -21,6 +22,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "set_cpu_gemm",
+    "Packing",
     "unpad",
     "pad",
     "mask_to_indices",

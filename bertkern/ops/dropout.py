@@ -2,7 +2,8 @@
 
 On CPU the kernel is ``torch.ops.bertkern.dropout_fwd`` / ``dropout_bwd`` (csrc/cpu/dropout.cpp):
 one pass, the mask hashed from the element index with Philox and never stored. On other
-devices ``F.dropout`` (torch's fused CUDA kernel) and ``F.relu``.
+devices ``F.dropout`` (torch's fused CUDA kernel) and ``F.relu``. This is the one place that
+picks the kernel for a device: bertkern's layers call :func:`dropout` (``nn._fused.call_dropout``).
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, relu: bool =
     if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: p must be a number in [0, 1], got {p!r}")
     p = float(p) if training else 0.0
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or p == 1.0:
-        return F.dropout(F.relu(x) if relu else x, p, training)
     if p == 0.0 and not relu:
         return x
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or p == 1.0:
+        return F.dropout(F.relu(x) if relu else x, p, training)
     return torch.ops.bertkern.dropout_fwd(x, p, _seed(p), relu)
 
 

@@ -1,13 +1,17 @@
-"""Key-padding masking: unpad / pad, mask -> indices / cu_seqlens, and mask-convention helpers.
+"""Key-padding masking: the :class:`Packing` of a padded batch (pack / unpack), unpad / pad,
+mask -> indices / cu_seqlens, and mask-convention helpers.
 
 Mask convention (torch's): ``key_padding_mask[b, s] = True`` means position s of sequence b
 is padding. HF's ``attention_mask`` (1 = keep) is the opposite: convert it with
 :func:`key_padding_mask_from_attention_mask`.
 
 Kernels: ``torch.ops.bertkern.mask_to_indices / gather_rows / scatter_rows`` (C++ on CPU in
-csrc/cpu/padding.cpp, CUDA C++ in csrc/cuda/padding.{cuh,cu}).
+csrc/cpu/padding.cpp, CUDA C++ in csrc/cuda/padding.{cuh,cu}); the rest of bertkern reaches
+them through :class:`Packing` only.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -41,6 +45,100 @@ def _check_indices(indices, x, op, x_name):
         raise ValueError(f"{op}: indices is on {indices.device} but {x_name} is on {x.device}")
 
 
+def _unpack(x_packed, indices, padded_shape):
+    """(T, *F) -> (*padded_shape, *F), scattered by ``indices`` into zeros (None: a reshape). Not
+    an autograd view (as torch's matmul output): FSDP2 hooks a module's outputs, and an in-place
+    op on a returned view would drop the hooks."""
+    if indices is not None:
+        x_packed = torch.ops.bertkern.scatter_rows(x_packed, indices, padded_shape[0] * padded_shape[1])
+    return torch.ops.aten._unsafe_view(x_packed, (*padded_shape, *x_packed.shape[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a padded batch are: built once per batch (:meth:`from_mask`;
+    :meth:`full` for no padding; :meth:`from_cu_seqlens` for tokens packed already), then
+    ``pack`` every padded tensor of the batch (activations, ids, q / k / v) and ``unpack`` each
+    packed result. ``batch_first=False``: padded tensors are torch's seq-first (S, B, *F), the
+    packed order is the same and nothing is transposed.
+
+    indices (T,) int64: each real token's row in a padded tensor viewed as (B * S, *F), in
+    packed order (None: no padding, batch-first; pack / unpack are reshapes). cu_seqlens
+    (B + 1,) int32 from 0; max_seqlen an int (under torch.compile / export a SymInt, and T
+    data-dependent, as :func:`mask_to_indices` gives them; on meta T = B * S).
+    """
+
+    indices: torch.Tensor | None
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    batch: int
+    seqlen: int
+    batch_first: bool = True
+
+    @classmethod
+    def from_mask(cls, key_padding_mask: torch.Tensor, batch_first: bool = True) -> "Packing":
+        """The packing of a batch with ``key_padding_mask`` (B, S) bool, True = padding."""
+        _check_mask(None, key_padding_mask)
+        indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
+        batch, seqlen = key_padding_mask.shape
+        if not batch_first:  # token (b, s) is row s * B + b of an (S, B, *F) tensor viewed as (S * B, *F)
+            indices = (indices % seqlen) * batch + torch.div(indices, seqlen, rounding_mode="floor")
+        return cls(indices, cu_seqlens, max_seqlen, batch, seqlen, batch_first)
+
+    @classmethod
+    def full(cls, batch: int, seqlen: int, device=None, batch_first: bool = True) -> "Packing":
+        """No padding: B sequences of length S (batch-first: no gather, no scatter)."""
+        cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+        indices = None
+        if not batch_first:
+            indices = torch.arange(batch * seqlen, device=device).view(seqlen, batch).t().reshape(-1)
+        return cls(indices, cu_seqlens, seqlen, batch, seqlen, batch_first)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int, total: int,
+                        batch_first: bool = True) -> "Packing":
+        """The padded batch (B, max_seqlen) of ``total`` packed tokens laid out as ``cu_seqlens``
+        (B + 1,) int32 says; pass ``total = x.shape[0]`` so shapes stay tied under torch.compile."""
+        device = cu_seqlens.device
+        batch = cu_seqlens.shape[0] - 1
+        # Token t belongs to sequence b with cu[b] <= t < cu[b + 1], at position t - cu[b].
+        token = torch.arange(total, device=device, dtype=torch.int32)
+        seq = torch.searchsorted(cu_seqlens[1:].contiguous(), token, right=True)
+        pos = (token - cu_seqlens[seq]).to(torch.int64)
+        indices = seq * max_seqlen + pos if batch_first else pos * batch + seq
+        return cls(indices, cu_seqlens, max_seqlen, batch, max_seqlen, batch_first)
+
+    @property
+    def padded_shape(self) -> tuple:
+        """The two leading dims of a padded tensor: (B, S), or (S, B) seq-first."""
+        return (self.batch, self.seqlen) if self.batch_first else (self.seqlen, self.batch)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded ``x`` (*padded_shape, *F), any dtype -> (T, *F), the real tokens in packed
+        order. Differentiable (the backward scatters into zeros)."""
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[:2]) != self.padded_shape:
+            raise ValueError(f"Packing.pack: x has shape {tuple(getattr(x, 'shape', ()))}, expected "
+                             f"{self.padded_shape} + features ({'(B, S' if self.batch_first else '(S, B'}, ...))")
+        rows = x.reshape(self.batch * self.seqlen, *x.shape[2:])
+        return rows if self.indices is None else torch.ops.bertkern.gather_rows(rows, self.indices)
+
+    def unpack(self, x_packed: torch.Tensor) -> torch.Tensor:
+        """(T, *F) -> (*padded_shape, *F), zeros at padded positions. Differentiable (the
+        backward gathers)."""
+        return _unpack(x_packed, self.indices, self.padded_shape)
+
+    def key_padding_mask(self) -> torch.Tensor:
+        """(B, S) bool, True = padding, of the left-aligned batch ``cu_seqlens`` describes
+        (what :meth:`unpack` fills, for :meth:`from_cu_seqlens` and :meth:`full`)."""
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        return torch.arange(self.seqlen, device=self.cu_seqlens.device).unsqueeze(0) >= lengths.unsqueeze(1)
+
+    def to(self, device) -> "Packing":
+        """The same packing with its tensors on ``device``."""
+        indices = None if self.indices is None else self.indices.to(device)
+        return dataclasses.replace(self, indices=indices, cu_seqlens=self.cu_seqlens.to(device))
+
+
 def unpad(x: torch.Tensor, key_padding_mask: torch.Tensor):
     """Remove padding: keep the real tokens of a padded batch, packed in row-major order.
 
@@ -52,13 +150,11 @@ def unpad(x: torch.Tensor, key_padding_mask: torch.Tensor):
         (x_packed, indices, cu_seqlens, max_seqlen): x_packed (T, *features) the real tokens;
         indices (T,) int64 their flat positions b * S + s; cu_seqlens (B + 1,) int32 cumulative
         real lengths starting at 0; max_seqlen a Python int (a SymInt under torch.compile).
-        Differentiable in x (the backward scatters into zeros).
+        Differentiable in x (the backward scatters into zeros). See :class:`Packing`.
     """
     _check_mask(x, key_padding_mask)
-    indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
-    batch, seqlen = key_padding_mask.shape
-    x_packed = torch.ops.bertkern.gather_rows(x.reshape(batch * seqlen, *x.shape[2:]), indices)
-    return x_packed, indices, cu_seqlens, max_seqlen
+    packing = Packing.from_mask(key_padding_mask)
+    return packing.pack(x), packing.indices, packing.cu_seqlens, packing.max_seqlen
 
 
 def pad(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -75,8 +171,7 @@ def pad(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) 
         raise ValueError(f"pad: x_packed has {x_packed.shape[0]} rows but indices has {indices.shape[0]} entries")
     if batch < 0 or seqlen < 0:
         raise ValueError(f"pad: batch and seqlen must be >= 0, got {batch}, {seqlen}")
-    out = torch.ops.bertkern.scatter_rows(x_packed, indices, batch * seqlen)
-    return out.reshape(batch, seqlen, *x_packed.shape[1:])
+    return _unpack(x_packed, indices, (batch, seqlen))
 
 
 def mask_to_indices(key_padding_mask: torch.Tensor):
@@ -176,27 +271,3 @@ def _scatter_backward(ctx, grad):
 
 torch.library.register_autograd("bertkern::gather_rows", _gather_backward, setup_context=_gather_setup)
 torch.library.register_autograd("bertkern::scatter_rows", _scatter_backward, setup_context=_scatter_setup)
-
-
-def pad_packed(x_packed: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
-    """Packed tokens back to a padded batch, for code that only takes one.
-
-    Args:
-        x_packed: (T, *features), sequences back to back as ``cu_seqlens`` (B + 1,) int32 says.
-        max_seqlen: the longest sequence (the padded length S).
-
-    Returns:
-        (x_padded (B, S, *features) with zeros at padding, key_padding_mask (B, S) bool
-        True = padding, indices (T,) int64): ``gather_rows(out.reshape(B * S, ...), indices)``
-        packs a result of the padded batch again.
-    """
-    device = x_packed.device
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    key_padding_mask = torch.arange(max_seqlen, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
-    # Token t belongs to sequence b with cu[b] <= t < cu[b + 1], at position t - cu[b]; derived
-    # from the token count of x_packed itself, so shapes stay tied under torch.compile.
-    token = torch.arange(x_packed.shape[0], device=device, dtype=torch.int32)
-    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), token, right=True)
-    indices = seq * max_seqlen + (token - cu_seqlens[seq]).to(torch.int64)
-    out = torch.ops.bertkern.scatter_rows(x_packed, indices, lengths.shape[0] * max_seqlen)
-    return out.reshape(lengths.shape[0], max_seqlen, *x_packed.shape[1:]), key_padding_mask, indices

@@ -75,7 +75,7 @@ def trace_ops_for_torch_compile():
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    import bertkern.ops.attention_triton  # noqa: F401
+    import bertkern  # noqa: F401  (the operator, its CUDA kernel and its torch.compile decomposition)
 
     # Without a driver Triton's mutation analysis falls back to "may mutate every input", and
     # says so at length; the fallback is correct, just conservative.
@@ -92,10 +92,9 @@ def trace_ops_for_torch_compile():
     def step(q, k, v, cu_seqlens, seed, dout, max_seqlen_t):
         max_seqlen = max_seqlen_t.item()
         torch._check(max_seqlen >= 0)
-        out, lse = torch.ops.bertkern.attention_triton_fwd(q, k, v, cu_seqlens, max_seqlen, 0.1, True,
-                                                           0.1, seed)
-        grads = torch.ops.bertkern.attention_triton_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
-                                                        0.1, True, 0.1, seed)
+        out, lse = torch.ops.bertkern.attention_fwd(q, k, v, cu_seqlens, max_seqlen, 0.1, True, 0.1, seed)
+        grads = torch.ops.bertkern.attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                                 0.1, True, 0.1, seed)
         return out, lse, *grads
 
     graph = make_fx(dispatch_functionalize(step), tracing_mode="fake")(

@@ -1,4 +1,4 @@
-"""Checks of the Triton attention operators run by the Triton interpreter on the CPU.
+"""Checks of the Triton kernels of the attention operator run by the Triton interpreter on the CPU.
 
 TRITON_INTERPRET=1 only takes effect if it is set before triton is imported, and the main
 pytest process may have imported triton already (torch does), so tests/test_attention_triton.py
@@ -54,6 +54,15 @@ def _inputs(lengths, head_dim, dtype, seed=0, heads=HEADS):
     return q, k, v, dout
 
 
+def _triton_ops():
+    """torch.ops.bertkern.attention_fwd / attention_bwd with the Triton launchers as their CPU
+    kernel (run by the interpreter): the operator's own autograd, fake and checks, on Triton."""
+    from bertkern.ops import attention_triton
+
+    attention_triton.use_on_cpu(True)
+    return torch.ops.bertkern.attention_fwd, torch.ops.bertkern.attention_bwd
+
+
 def _check_bound(name, got, ref64, ref_low, dtype):
     got, ref64, ref_low = got.double(), ref64.double(), ref_low.double()
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
@@ -65,7 +74,6 @@ def _check_bound(name, got, ref64, ref_low, dtype):
 
 def _run_and_compare(lengths, head_dim, dtype, causal, dropout_p=0.0, seed=1234, max_seqlen=None):
     """Forward + backward of the operator against attention_varlen_ref in fp64 and in dtype."""
-    import bertkern.ops.attention_triton  # noqa: F401  (registers the operators)
     from tests.reference import attention_dropout_keep_ref, attention_varlen_ref
 
     cu = _cu_seqlens(lengths)
@@ -77,8 +85,8 @@ def _run_and_compare(lengths, head_dim, dtype, causal, dropout_p=0.0, seed=1234,
              if dropout_p > 0 else None)
 
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out, lse = torch.ops.bertkern.attention_triton_fwd(*leaves, cu, max_seqlen, scale, causal,
-                                                       dropout_p, seed_t)
+    fwd, _ = _triton_ops()
+    out, lse = fwd(*leaves, cu, max_seqlen, scale, causal, dropout_p, seed_t)
     assert out.dtype == dtype and out.shape == q.shape, (out.dtype, out.shape)
     assert lse.dtype == torch.float32 and lse.shape == (HEADS, q.shape[0]), (lse.dtype, lse.shape)
     grads = torch.autograd.grad(out, leaves, dout)
@@ -145,7 +153,6 @@ def _():
 def _():
     """Read the kernel's keep mask back exactly: with q = 0 every query attends uniformly
     (P = 1 / L), and with v[j] = e_j (one-hot) out[i, h, j] = keep[i, j] / ((1 - p) L)."""
-    import bertkern.ops.attention_triton  # noqa: F401
     from tests.reference import attention_dropout_keep_ref
 
     lengths, head_dim, p, seed = [64, 50, 0, 33, 1], 64, 0.3, 2**40 + 123
@@ -158,7 +165,7 @@ def _():
         v[s:s + n, :, :n] = torch.eye(n)[:, None, :]
     k = torch.randn(total, HEADS, head_dim)
     seed_t = torch.tensor([seed], dtype=torch.int64)
-    out, _ = torch.ops.bertkern.attention_triton_fwd(q, k, v, cu, max(lengths), 0.125, False, p, seed_t)
+    out, _ = _triton_ops()[0](q, k, v, cu, max(lengths), 0.125, False, p, seed_t)
     masks = attention_dropout_keep_ref(seed, cu, HEADS, max(lengths), p)
     kept = total_entries = 0
     for b, n in enumerate(lengths):
@@ -177,16 +184,13 @@ def _():
 
 @case("dropout_seed_determines_output")
 def _():
-    import bertkern.ops.attention_triton  # noqa: F401
-
     lengths = [7, 70]
     cu = _cu_seqlens(lengths)
     q, k, v, dout = _inputs(lengths, 32, torch.float32)
 
     def run(seed, p=0.2):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        out, lse = torch.ops.bertkern.attention_triton_fwd(
-            *leaves, cu, 70, 0.2, False, p, torch.tensor([seed], dtype=torch.int64))
+        out, lse = _triton_ops()[0](*leaves, cu, 70, 0.2, False, p, torch.tensor([seed], dtype=torch.int64))
         return (out, lse, *torch.autograd.grad(out, leaves, dout))
 
     a, b, c = run(7), run(7), run(8)
@@ -202,22 +206,23 @@ def _():
 
 @case("dropout_matches_the_cpu_operator")
 def _():
-    """The C++ CPU kernel (torch.ops.bertkern.attention_fwd/bwd) implements the same Philox
+    """The C++ CPU kernel of torch.ops.bertkern.attention_fwd/bwd implements the same Philox
     convention: with the same seed both drop the same entries, so outputs and gradients agree to
     rounding (a single differing mask entry would show as an O(1) error)."""
-    import bertkern.ops.attention_triton  # noqa: F401
+    from bertkern.ops import attention_triton
 
+    attention_triton.use_on_cpu(False)  # the operator's CPU kernel is the C++ one again
     lengths = [1, 7, 0, 70]
     cu = _cu_seqlens(lengths)
     q, k, v, dout = _inputs(lengths, 32, torch.float32)
     seed = torch.tensor([2**40 + 5], dtype=torch.int64)
     for causal in (False, True):
         args = (cu, 70, 0.2, causal, 0.3, seed)
-        out, lse = torch.ops.bertkern.attention_triton_fwd(q, k, v, *args)
+        out, lse = attention_triton.attention_fwd(q, k, v, *args)
         out_cpu, lse_cpu = torch.ops.bertkern.attention_fwd(q, k, v, *args)
         torch.testing.assert_close(out, out_cpu, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse, lse_cpu, atol=1e-5, rtol=1e-5)
-        grads = torch.ops.bertkern.attention_triton_bwd(dout, q, k, v, out, lse, *args)
+        grads = attention_triton.attention_bwd(dout, q, k, v, out, lse, *args)
         grads_cpu = torch.ops.bertkern.attention_bwd(dout, q, k, v, out_cpu, lse_cpu, *args)
         for g, g_cpu in zip(grads, grads_cpu):
             torch.testing.assert_close(g, g_cpu, atol=1e-5, rtol=1e-5)
@@ -228,12 +233,11 @@ def _():
 # ---------------------------------------------------------------------------------------------
 @case("empty_batches")
 def _():
-    import bertkern.ops.attention_triton  # noqa: F401
-
+    fwd, _ = _triton_ops()
     for lengths in ([], [0], [0, 0, 0]):
         cu = _cu_seqlens(lengths)
         q, k, v = (torch.randn(0, HEADS, 32, requires_grad=True) for _ in range(3))
-        out, lse = torch.ops.bertkern.attention_triton_fwd(q, k, v, cu, 0, 1.0, True, 0.0, None)
+        out, lse = fwd(q, k, v, cu, 0, 1.0, True, 0.0, None)
         assert out.shape == (0, HEADS, 32) and lse.shape == (HEADS, 0)
         grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         assert all(g.shape == (0, HEADS, 32) for g in grads)
@@ -249,8 +253,7 @@ def _():
 def _():
     """q, k, v as views of a packed (T, 3, H, D) projection, and a transposed (non unit-stride
     along D) dout: the results match contiguous inputs exactly."""
-    import bertkern.ops.attention_triton  # noqa: F401
-
+    fwd, _ = _triton_ops()
     lengths = [7, 70]
     cu = _cu_seqlens(lengths)
     total = sum(lengths)
@@ -261,7 +264,7 @@ def _():
 
     def run(q, k, v, do):
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out, lse = torch.ops.bertkern.attention_triton_fwd(*leaves, cu, 70, 0.3, True, 0.0, None)
+        out, lse = fwd(*leaves, cu, 70, 0.3, True, 0.0, None)
         return (out, lse, *torch.autograd.grad(out, leaves, do))
 
     got = run(qkv[:, 0], qkv[:, 1], qkv[:, 2], dout_strided)
@@ -293,26 +296,22 @@ def _():
 
 @case("opcheck")
 def _():
-    import bertkern.ops.attention_triton  # noqa: F401
-
+    fwd, bwd = _triton_ops()
     lengths = [3, 0, 20]
     cu = _cu_seqlens(lengths)
     q, k, v, dout = _inputs(lengths, 32, torch.float32)
     seed = torch.tensor([5], dtype=torch.int64)
     for causal, p, s in ((False, 0.0, None), (True, 0.1, seed)):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        torch.library.opcheck(torch.ops.bertkern.attention_triton_fwd,
-                              (*leaves, cu, 20, 0.2, causal, p, s))
-        out, lse = torch.ops.bertkern.attention_triton_fwd(q, k, v, cu, 20, 0.2, causal, p, s)
-        torch.library.opcheck(torch.ops.bertkern.attention_triton_bwd,
+        torch.library.opcheck(fwd.default, (*leaves, cu, 20, 0.2, causal, p, s))
+        out, lse = fwd(q, k, v, cu, 20, 0.2, causal, p, s)
+        torch.library.opcheck(bwd.default,
                               (dout, q, k, v, out, lse, cu, 20, 0.2, causal, p, s))
 
 
 @case("bad_arguments_raise_before_launch")
 def _():
-    import bertkern.ops.attention_triton  # noqa: F401
-
-    fwd = torch.ops.bertkern.attention_triton_fwd
+    from bertkern.ops.attention_triton import attention_fwd as fwd  # the launcher itself
     cu = _cu_seqlens([3, 5])
     q = torch.randn(8, 2, 32)
     seed = torch.tensor([1], dtype=torch.int64)

@@ -1,12 +1,17 @@
 """Fused scaled-dot-product attention on packed (varlen) or padded tokens.
 
-Backends:
-  * "triton": the Triton kernels of bertkern/kernels/attention.py, through the operators
-    ``bertkern::attention_triton_fwd/bwd`` (``torch.library.triton_op``, defined in
-    bertkern/ops/attention_triton.py). CUDA tensors; CPU tensors only when TRITON_INTERPRET=1
-    was set before triton was imported (how the kernels are tested without a GPU).
-  * "cpu": the C++ kernels of csrc/cpu/attention.cpp, ``bertkern::attention_fwd/bwd``.
-  * "auto": CUDA tensors -> "triton", CPU tensors -> "cpu".
+One operator, ``torch.ops.bertkern.attention_fwd`` / ``attention_bwd`` (schemas in csrc/ops.cpp),
+with one kernel per device: the C++ kernels of csrc/cpu/attention.cpp on the CPU, the Triton
+kernels of bertkern/kernels/attention.py on CUDA (launched by bertkern/ops/attention_triton.py,
+registered below). Its fake, its autograd and, under torch.compile on CUDA, its decomposition
+into the Triton launches are registered in this file. Each kernel checks its own arguments
+before it runs; the functions here check only what the operator does not see (the layout, the
+mask, the backend).
+
+``backend``: "auto" (the device's kernel), "cpu" (CPU tensors), "triton" (CUDA tensors; CPU
+tensors only when TRITON_INTERPRET=1 was set before triton was imported, how the Triton kernels
+are tested without a GPU: the Triton launchers then become the operator's CPU kernel for the
+process, until a call with backend="cpu").
 
 Mask convention (torch's): ``key_padding_mask[b, s] = True`` means padding.
 """
@@ -16,62 +21,33 @@ import math
 import os
 
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from bertkern.ops.padding import pad, unpad
+from bertkern.ops.padding import Packing
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "cpu")
 
 
-def _triton_ops():
-    """Import (once) the module that defines the Triton operators; triton is imported lazily so
-    that ``import bertkern`` stays light and TRITON_INTERPRET can still be set by the caller."""
-    from bertkern.ops import attention_triton  # noqa: F401
+def _triton():
+    """The Triton launchers; imported on first use, so that ``import bertkern`` stays light and
+    TRITON_INTERPRET can still be set by the caller."""
+    from bertkern.ops import attention_triton
 
-    return torch.ops.bertkern.attention_triton_fwd, torch.ops.bertkern.attention_triton_bwd
-
-
-def _check_qkv(q, k, v, packed, backend):
-    names = ("q", "k", "v")
-    for name, t in zip(names, (q, k, v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a Tensor, got {type(t).__name__}")
-    layout = "(T, H, D) with cu_seqlens" if packed else "(B, S, H, D)"
-    if q.dim() != (3 if packed else 4):
-        raise ValueError(f"attention: q has shape {tuple(q.shape)}, expected {layout}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"attention: {name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"attention: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
-    allowed = _DTYPES + ((torch.float64,) if backend == "cpu" else ())
-    if q.dtype not in allowed:
-        raise TypeError(
-            f"attention: q has dtype {q.dtype}; expected float32, float16 or bfloat16"
-            + (" (float64 with backend='cpu')" if backend != "cpu" else " or float64")
-        )
-    head_dim = q.shape[-1]
-    if backend == "triton" and (head_dim % 8 != 0 or not 8 <= head_dim <= 128):
-        raise ValueError(f"attention: head dim {head_dim} unsupported by the Triton kernels; "
-                         "expected a multiple of 8 up to 128")
-    if head_dim == 0:
-        raise ValueError("attention: head dim must be >= 1")
+    return attention_triton
 
 
-def _resolve_backend(backend, device):
+def _select_kernel(backend, q):
     if backend not in _BACKENDS:
         raise ValueError(f"attention: backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"attention: backend='cpu' needs CPU tensors, got {device}")
-    return backend
-
-
-def _require_runnable(backend, device):
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton":
+        _triton().check_triton_head_dim("attention", q.shape[-1])
+    if backend == "auto" or q.device.type != "cpu":
+        if backend == "cpu":
+            raise ValueError(f"attention: backend='cpu' needs CPU tensors, got {q.device}")
+        return
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _triton().use_on_cpu(backend == "triton")
+    elif backend == "triton":
         raise RuntimeError(
             "attention: backend='triton' on CPU tensors runs only under the Triton interpreter: "
             "set TRITON_INTERPRET=1 before triton is imported, or use backend='cpu'"
@@ -88,31 +64,15 @@ def _dropout_seed(dropout_p, device):
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, causal=False, scale=None, backend="auto"):
     """Attention on packed tokens: q, k, v (T, H, D), cu_seqlens (B+1,) int32. See attention()."""
-    backend = _resolve_backend(backend, q.device)
-    _check_qkv(q, k, v, True, backend)
-    _require_runnable(backend, q.device)
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise TypeError(
-            f"attention: cu_seqlens must be a 1-D int32 tensor (B+1,), got "
-            f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} of shape {tuple(getattr(cu_seqlens, 'shape', ()))}"
-        )
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"attention: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    if cu_seqlens.numel() < 1:
-        raise ValueError("attention: cu_seqlens must have B+1 >= 1 entries")
+    _select_kernel(backend, q)
     if max_seqlen is None:  # one small read; pass max_seqlen (unpad returns it) to avoid it
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1], got {dropout_p}")
     if dropout_p == 1.0:  # every probability dropped: zeros, still connected to v, as F.dropout(p=1) is
         return v.mul(v.new_zeros(()))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = _dropout_seed(float(dropout_p), q.device)
-    if backend == "triton":
-        fwd, _ = _triton_ops()
-    else:
-        fwd = torch.ops.bertkern.attention_fwd
-    out, _ = fwd(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal), float(dropout_p), seed)
+    out, _ = torch.ops.bertkern.attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal),
+                                              float(dropout_p), seed)
     return out
 
 
@@ -151,42 +111,47 @@ def attention(
                                 scale=scale, backend=backend)
     if max_seqlen is not None:
         raise ValueError("attention: max_seqlen goes with cu_seqlens (packed layout)")
-    resolved = _resolve_backend(backend, q.device)
-    _check_qkv(q, k, v, False, resolved)
-    batch, seqlen, heads, head_dim = q.shape
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention: q, k, v have shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}; expected one (B, S, H, D), or (T, H, D) with cu_seqlens")
+    batch, seqlen = q.shape[:2]
     if key_padding_mask is None:
-        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=q.device)
-        out = attention_varlen(
-            q.reshape(batch * seqlen, heads, head_dim), k.reshape(batch * seqlen, heads, head_dim),
-            v.reshape(batch * seqlen, heads, head_dim), cu, seqlen,
-            dropout_p=dropout_p, causal=causal, scale=scale, backend=resolved)
-        return out.reshape(batch, seqlen, heads, head_dim)
-    if key_padding_mask.shape != (batch, seqlen):
+        packing = Packing.full(batch, seqlen, device=q.device)
+    elif key_padding_mask.shape != (batch, seqlen):
         raise ValueError(f"attention: key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
                          f"expected (B, S) = {(batch, seqlen)}")
-    q_p, indices, cu, max_len = unpad(q, key_padding_mask)
-    k_p = torch.ops.bertkern.gather_rows(k.reshape(batch * seqlen, heads, head_dim), indices)
-    v_p = torch.ops.bertkern.gather_rows(v.reshape(batch * seqlen, heads, head_dim), indices)
-    out = attention_varlen(q_p, k_p, v_p, cu, max_len, dropout_p=dropout_p, causal=causal,
-                           scale=scale, backend=resolved)
-    return pad(out, indices, batch, seqlen)
+    else:
+        packing = Packing.from_mask(key_padding_mask)
+    out = attention_varlen(packing.pack(q), packing.pack(k), packing.pack(v), packing.cu_seqlens,
+                           packing.max_seqlen, dropout_p=dropout_p, causal=causal, scale=scale,
+                           backend=backend)
+    return packing.unpack(out)
 
 
-# ---- C++ CPU operator: fakes and autograd --------------------------------------------------------
+# ---- the operator: CUDA kernel, fake, torch.compile decomposition, autograd ----------------------
+# The CPU kernel is registered in C++ (csrc/cpu/attention.cpp); the CUDA kernel is the Triton
+# launcher, imported on first use.
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@torch.library.register_kernel("bertkern::attention_fwd", "cuda")
+def _attention_fwd_cuda(*args):
+    return _triton().attention_fwd(*args)
+
+
+@torch.library.register_kernel("bertkern::attention_bwd", "cuda")
+def _attention_bwd_cuda(*args):
+    return _triton().attention_bwd(*args)
 
 
 @torch.library.register_fake("bertkern::attention_fwd")
 def _attention_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, causal, dropout_p, dropout_seed):
-    total, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((heads, total), dtype=_lse_dtype(q.dtype))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
 @torch.library.register_fake("bertkern::attention_bwd")
 def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, dropout_p, dropout_seed):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 @torch.library.register_fake("bertkern::_philox_words")
@@ -194,18 +159,39 @@ def _philox_words_fake(seed, offsets):
     return offsets.new_empty((*offsets.shape, 4))  # the 4 words of each counter, int32 bits
 
 
+def _functionalize(mode, op, types, args, kwargs):
+    """torch.compile (AOTAutograd) on CUDA tensors traces into the Triton launches, as
+    torch.library.triton_op does, so Inductor sees the kernels. Elsewhere (CPU, the interpreter,
+    torch.export, which keeps custom ops whole) the operator stays opaque."""
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    q = args[0] if op._opname == "attention_fwd" else args[1]
+    if (q.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and not custom_triton_ops_decomposition_disabled()):
+        with mode:
+            return getattr(_triton(), op._opname)(*args, **kwargs)
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+for _name in ("attention_fwd", "attention_bwd"):
+    torch.library.register_torch_dispatch(f"bertkern::{_name}", FunctionalTensorMode, _functionalize)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, scale, causal, dropout_p, dropout_seed = inputs
     out, lse = output
     ctx.args = (max_seqlen, scale, causal, dropout_p)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, dropout_seed)
+    # lse is a by-product for the backward; gradients through it are not supported.
+    ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens, dropout_seed = ctx.saved_tensors
-    max_seqlen, scale, causal, dropout_p = ctx.args
-    dq, dk, dv = torch.ops.bertkern.attention_bwd(
-        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, dropout_p, dropout_seed)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.bertkern.attention_bwd(dout, q, k, v, out, lse, cu_seqlens, *ctx.args,
+                                                  dropout_seed)
     return dq, dk, dv, None, None, None, None, None, None
 
 

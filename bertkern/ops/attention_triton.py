@@ -1,14 +1,15 @@
-"""Triton varlen attention as PyTorch operators: ``torch.ops.bertkern.attention_triton_fwd/bwd``.
+"""Triton launchers of the attention operator ``torch.ops.bertkern.attention_fwd/bwd``.
 
-Both are ``torch.library.triton_op``s whose kernels are launched through ``wrap_triton``, so
-``torch.compile`` traces into them on the GPU. Autograd is registered on the forward (its
-backward calls the backward operator). The kernels are in bertkern/kernels/attention.py, which
-also documents the dropout (Philox) convention shared with the C++ CPU kernel.
+The operator (schema in csrc/ops.cpp, fake and autograd in bertkern/ops/attention.py) has one
+kernel per device: C++ on the CPU (csrc/cpu/attention.cpp), and on CUDA the two functions below,
+``attention_fwd`` / ``attention_bwd``, which check their arguments and launch the Triton kernels
+of bertkern/kernels/attention.py through ``wrap_triton``, so ``torch.compile`` traces into them
+on the GPU (bertkern/ops/attention.py registers them, lazily, and the rule that decomposes the
+operator into them under torch.compile).
 
-Devices: CUDA tensors; CPU tensors when TRITON_INTERPRET=1 was set before triton was imported
-(the Triton interpreter; slow, for tests). Under the interpreter the kernels are plain Python
-callables that cannot be traced, so the operators behave as opaque custom ops there (explicit
-fake, no decomposition).
+CPU tensors run here only under TRITON_INTERPRET=1 set before triton was imported (the Triton
+interpreter; slow, for tests): call the launchers directly, or ``use_on_cpu(True)`` to make them
+the operator's CPU kernel (autograd and opcheck then exercise the Triton path).
 """
 from __future__ import annotations
 
@@ -17,13 +18,24 @@ import os
 import torch
 import triton
 from torch.fx.experimental.symbolic_shapes import guard_or_false
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from bertkern.kernels import attention as kernels
 
+
+def triton_supports_head_dim(head_dim: int) -> bool:
+    """The Triton kernels' head-dim rule: a multiple of 8 from 8 to 128."""
+    return head_dim % 8 == 0 and 8 <= head_dim <= 128
+
+
+def check_triton_head_dim(op: str, head_dim: int) -> None:
+    if not triton_supports_head_dim(head_dim):
+        raise ValueError(f"{op}: head dim D = {head_dim} is not supported by the Triton kernels; "
+                         "expected a multiple of 8 between 8 and 128")
+
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_HEAD_DIM = 128
 # CUDA caps grid dims 1 and 2 (heads and sequences here) at 65535.
 _MAX_GRID_YZ = 65535
 
@@ -91,14 +103,10 @@ def _check_args(op, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, dropout_s
     if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
         raise ValueError(
             f"{op}: q is on {q.device}; the Triton attention runs on CUDA tensors (or CPU tensors "
-            "under TRITON_INTERPRET=1); use torch.ops.bertkern.attention_fwd on the CPU"
+            "under TRITON_INTERPRET=1); without the interpreter the CPU kernel is C++"
         )
     total, heads, head_dim = q.shape
-    if head_dim % 8 != 0 or not 8 <= head_dim <= _MAX_HEAD_DIM:
-        raise ValueError(
-            f"{op}: head dim D = q.shape[2] = {head_dim} is not supported; expected a multiple "
-            f"of 8 between 8 and {_MAX_HEAD_DIM}"
-        )
+    check_triton_head_dim(op, head_dim)
     _check_tensor(op, "k", k, q.shape, q.dtype, q.device)
     _check_tensor(op, "v", v, q.shape, q.dtype, q.device)
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -162,37 +170,13 @@ def _dropout_args(dropout_p, dropout_seed, cu_seqlens):
     return 0, 1.0, cu_seqlens, False
 
 
-# The schemas are spelled out (rather than inferred from the annotations) to name the outputs
-# like the CPU operators in csrc/ops.cpp.
-_FWD_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, bool causal, "
-    "float dropout_p, Tensor? dropout_seed) -> (Tensor out, Tensor lse)"
-)
-_BWD_SCHEMA = (
-    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, "
-    "SymInt max_seqlen, float scale, bool causal, float dropout_p, Tensor? dropout_seed) "
-    "-> (Tensor dq, Tensor dk, Tensor dv)"
-)
-
-
-@triton_op("bertkern::attention_triton_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def attention_triton_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    scale: float,
-    causal: bool,
-    dropout_p: float,
-    dropout_seed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, causal, dropout_p, dropout_seed):
     """Varlen attention forward. q, k, v: (T, H, D); cu_seqlens (B + 1,) int32.
 
     Returns out (T, H, D) in q's dtype, and lse (H, T) float32, the natural-log logsumexp of
     each query's scaled scores (before dropout).
     """
-    _check_args("attention_triton_fwd", q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, dropout_seed)
+    _check_args("attention_fwd", q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, dropout_seed)
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -216,27 +200,13 @@ def attention_triton_fwd(
     return out, lse
 
 
-@triton_op("bertkern::attention_triton_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def attention_triton_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    scale: float,
-    causal: bool,
-    dropout_p: float,
-    dropout_seed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, dropout_p, dropout_seed):
     """Varlen attention backward: (dq, dk, dv), each (T, H, D) in q's dtype.
 
     dout, out: (T, H, D) like q; lse (H, T) float32 from the forward. Same cu_seqlens,
     max_seqlen, scale, causal, dropout_p and dropout_seed as the forward.
     """
-    op = "attention_triton_bwd"
+    op = "attention_bwd"
     _check_args(op, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, dropout_seed)
     _check_tensor(op, "dout", dout, q.shape, q.dtype, q.device)
     _check_tensor(op, "out", out, q.shape, q.dtype, q.device)
@@ -287,55 +257,20 @@ def attention_triton_bwd(
     return dq, dk, dv
 
 
-# ---------------------------------------------------------------------------------------------
-# Fakes. triton_op registers its own function as the fake (tracing it with fake tensors turns
-# each wrap_triton launch into a graph node). Under the interpreter wrap_triton hands back the
-# plain Python kernel, which would try to read the fake tensors' data; so there the operators
-# get a shape-only fake and stay opaque to functionalization (torch.compile, opcheck).
-# ---------------------------------------------------------------------------------------------
-if _INTERPRET:
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    @attention_triton_fwd.register_fake
-    def _attention_triton_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, causal, dropout_p, dropout_seed):
-        _check_args("attention_triton_fwd", q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, dropout_seed)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-    @attention_triton_bwd.register_fake
-    def _attention_triton_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal,
-                                   dropout_p, dropout_seed):
-        _check_args("attention_triton_bwd", q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, dropout_seed)
-        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-
-    def _opaque(mode, op, types, args, kwargs):
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-
-    attention_triton_fwd.register_torch_dispatch(FunctionalTensorMode, _opaque)
-    attention_triton_bwd.register_torch_dispatch(FunctionalTensorMode, _opaque)
+_cpu_lib = None
 
 
-# ---------------------------------------------------------------------------------------------
-# Autograd
-# ---------------------------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale, causal, dropout_p, dropout_seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, dropout_seed)
-    ctx.max_seqlen, ctx.scale, ctx.causal, ctx.dropout_p = max_seqlen, scale, causal, dropout_p
-    # lse is a by-product for the backward; gradients through it are not supported.
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens, dropout_seed = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.bertkern.attention_triton_bwd(
-        dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.causal,
-        ctx.dropout_p, dropout_seed,
-    )
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+def use_on_cpu(enable: bool) -> None:
+    """Under TRITON_INTERPRET=1: make these launchers the operator's CPU kernel (True), or give
+    the CPU back to the C++ kernel (False). Process-wide; bertkern.ops.attention(backend=...) on
+    CPU tensors calls it, so the Triton path runs with the operator's own autograd and fake."""
+    global _cpu_lib
+    if enable and _cpu_lib is None:
+        if not _INTERPRET:
+            raise RuntimeError("use_on_cpu: Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+        _cpu_lib = torch.library.Library("bertkern", "IMPL")
+        _cpu_lib.impl("attention_fwd", attention_fwd, "CPU")
+        _cpu_lib.impl("attention_bwd", attention_bwd, "CPU")
+    elif not enable and _cpu_lib is not None:
+        _cpu_lib._destroy()
+        _cpu_lib = None

@@ -4,13 +4,15 @@
     python -m bertkern.bench gpu-model [--arch 80,90] [--out DIR] [--quick] [--workers N] [--cuda-objects DIR]
     python -m bertkern.bench gpu-check [--out FILE] [--model JSON] [--skip-tests]
 
-``out.json`` is what ``pytest benchmarks --benchmark-only --benchmark-json=out.json`` writes.
+``out.json`` is what ``pytest benchmarks --benchmark-only --benchmark-json=out.json`` writes;
+``report`` turns it into report.md and speedup.png (bertkern.bench.report).
 ``gpu-model`` is the static (no GPU) cost model of bertkern.bench.gpu_model, anchored on
 torch's bundled FlashAttention-2. ``gpu-check`` (bertkern.bench.gpu_check) runs the CUDA tests and
 benchmarks on a machine with an NVIDIA GPU and sets the measurements next to the model's figures;
 without a GPU it exits with status 2.
 """
 import argparse
+import os
 import sys
 
 
@@ -53,9 +55,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "report":
-        from bertkern.bench import report
-
-        return report.run_cli(args.json, args.out, args.title)
+        return _report(args.json, args.out, args.title)
     if args.command == "gpu-model":
         from bertkern.bench import gpu_model
 
@@ -73,6 +73,34 @@ def main(argv=None):
         return gpu_check.main(out=args.out, model_json=args.model, skip_tests=args.skip_tests)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
     return 2
+
+
+def _report(json_path, out_dir=None, title=None):
+    """The `report` command: render, print the markdown, say where the files went; exit status."""
+    from bertkern.bench import report
+
+    try:
+        text, png = report.render(json_path, out_dir, title)
+    except report.ReportError as e:
+        print(f"bertkern.bench report: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            print(text)
+        except UnicodeEncodeError:  # a console that cannot print a benchmark name: keep the files
+            print(text.encode("ascii", "replace").decode("ascii"))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the files are written; stop printing quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    md_path = os.path.join(report.output_dir(json_path, out_dir), report.REPORT_NAME)
+    print(f"\nwrote {md_path}", file=sys.stderr)
+    if png:
+        print(f"wrote {png}", file=sys.stderr)
+    else:
+        note = next((line.strip("_") for line in text.splitlines() if line.startswith("_Plot skipped")), "")
+        print(note or "plot skipped", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

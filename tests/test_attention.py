@@ -262,6 +262,12 @@ def test_hypothesis_shapes(lengths, heads, head_dim, causal, seed):
 
 def test_bad_input():
     q, k, v, cu, max_len = packed_inputs([3, 4], 2, 16, torch.float32)
+    with pytest.raises(TypeError, match="k must be a Tensor"):
+        attention(q, "k", v, cu_seqlens=cu, max_seqlen=max_len)
+    with pytest.raises(TypeError, match="cu_seqlens must be a Tensor"):
+        attention(q, k, v, cu_seqlens=[0, 3, 7], max_seqlen=max_len)
+    with pytest.raises(TypeError, match="v must be a Tensor"):
+        attention(q.reshape(1, 7, 2, 16), k.reshape(1, 7, 2, 16), None)
     with pytest.raises(ValueError, match="k must have q's shape"):
         attention(q, k[:5], v, cu_seqlens=cu, max_seqlen=max_len)
     with pytest.raises(TypeError, match="v must have q's dtype"):

@@ -211,18 +211,16 @@ def test_no_duplicated_matmul_work(spec, model_rows):
         f"tile {row['tile']} issues {row['duplication']:.2f}x the minimum MMA work per iteration")
 
 
-# Issue 13's goal, not met where marked (H100): one Philox4x32-10 call feeds 8 score
-# elements (16-bit halves, p exact to 2^-17), ~42 INT instructions a call, ~5.3 per element in
-# each of the three kernels (the backward redraws the mask twice): 3 x 5.3 / 64 lanes = 0.25 SM
-# clocks per element on the INT pipe, against ~0.16 of INT slack in the no-dropout sm_90 loops
-# at D 64 plus 15% of their 0.30 clocks per element. FA2 feeds 16 elements a call (8-bit
-# thresholds: p rounded to 1/256). strict: a change that meets the goal turns this into a
-# failure, to be unmarked.
-# raises=AssertionError: only the goal's assert counts as the expected failure; a crash of the
-# model fails the test. test_dropout_cost_does_not_regress below guards today's level.
-_DROPOUT_GOAL_NOT_MET = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+# Issue 13's goal, not met on H100: one Philox4x32-10 call feeds 8 score elements (16-bit
+# halves, p exact to 2^-17), ~42 INT instructions a call, ~5.3 per element in each of the three
+# kernels (the backward redraws the mask twice): 3 x 5.3 / 64 lanes = 0.25 SM clocks per element
+# on the INT pipe, against ~0.16 of INT slack in the no-dropout sm_90 loops at D 64 plus 15% of
+# their 0.30 clocks per element. FA2 feeds 16 elements a call (8-bit thresholds: p rounded to
+# 1/256). Where the goal is known unmet the test asserts exactly that (so meeting it fails the
+# test, to be flipped) and only then reports an expected failure; any other error fails.
+_DROPOUT_GOAL_UNMET_REASON = (
     "goal not met on H100 (model, 2026-12-03): fwd+bwd with dropout 0.1 is 1.65x (D 64), 1.21x "
-    "(D 128) the time without; Philox's INT work in all three kernels exceeds the sm_90 loops' slack"))
+    "(D 128) the time without; Philox's INT work in all three kernels exceeds the sm_90 loops' slack")
 
 
 def _fwd_bwd_s(summary, impl):
@@ -251,18 +249,22 @@ def test_dropout_cost_does_not_regress(gpu, head_dim, model_data):
 
 
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("head_dim,gpu", [
-    pytest.param(d, gpu_model.GPU_OF_ARCH[a], id=f"{d}-{gpu_model.GPU_OF_ARCH[a]}",
-                 marks=[_DROPOUT_GOAL_NOT_MET] if a == 90 else [])
+@pytest.mark.parametrize("head_dim,gpu,goal_met", [
+    pytest.param(d, gpu_model.GPU_OF_ARCH[a], a != 90, id=f"{d}-{gpu_model.GPU_OF_ARCH[a]}")
     for d in gpu_model.HEAD_DIMS for a in ARCHS])
-def test_dropout_costs_less_than_15_percent(gpu, head_dim, model_data):
+def test_dropout_costs_less_than_15_percent(gpu, head_dim, goal_met, model_data):
     """Modeled fwd+bwd time (autotune's pick each way) with dropout 0.1 / without <= 1.15."""
     ratio, slow, fast = _dropout_cost(model_data, gpu, head_dim)
     fa2 = ""
     if "fa2" in slow and "fa2" in fast:
         fa2 = f" (FA2: {_fwd_bwd_s(slow, 'fa2') / _fwd_bwd_s(fast, 'fa2'):.2f})"
     print(f"{gpu} D={head_dim}: dropout 0.1 / none, modeled fwd+bwd time {ratio:.2f}{fa2}")
-    assert ratio <= 1.15, f"modeled fwd+bwd with dropout 0.1 is {ratio:.2f}x the time without{fa2}"
+    if goal_met:
+        assert ratio <= 1.15, f"modeled fwd+bwd with dropout 0.1 is {ratio:.2f}x the time without{fa2}"
+        return
+    assert ratio > 1.15, (f"{gpu} D={head_dim}: the goal is met now ({ratio:.2f}x): mark it met "
+                          "(goal_met) and update the docs")
+    pytest.xfail(_DROPOUT_GOAL_UNMET_REASON)
 
 
 # Issue 13's speed goals against FA2 under the same model, on H100 (bertkern TFLOP/s / FA2's:

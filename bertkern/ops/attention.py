@@ -36,6 +36,13 @@ def _triton():
     return attention_triton
 
 
+def _check_tensors(**tensors):
+    # The dispatcher would reject a non-tensor with a RuntimeError; torch raises TypeError.
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a Tensor, got {type(t).__name__}")
+
+
 def _select_kernel(backend, q):
     if backend not in _BACKENDS:
         raise ValueError(f"attention: backend must be one of {_BACKENDS}, got {backend!r}")
@@ -64,6 +71,7 @@ def _dropout_seed(dropout_p, device):
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, causal=False, scale=None, backend="auto"):
     """Attention on packed tokens: q, k, v (T, H, D), cu_seqlens (B+1,) int32. See attention()."""
+    _check_tensors(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     _select_kernel(backend, q)
     if max_seqlen is None:  # one small read; pass max_seqlen (unpad returns it) to avoid it
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
@@ -111,6 +119,7 @@ def attention(
                                 scale=scale, backend=backend)
     if max_seqlen is not None:
         raise ValueError("attention: max_seqlen goes with cu_seqlens (packed layout)")
+    _check_tensors(q=q, k=k, v=v)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention: q, k, v have shapes {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}; expected one (B, S, H, D), or (T, H, D) with cu_seqlens")

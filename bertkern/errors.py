@@ -5,6 +5,12 @@ with a message naming the argument. Where torch's own module raises something el
 same mistake (``nn.MultiheadAttention`` asserts shapes, ``nn.TransformerEncoderLayer`` raises
 ``RuntimeError`` for an unknown activation), the exception is an instance of both, so a
 script's existing ``except AssertionError`` / ``except RuntimeError`` keeps working.
+
+The C++ operators can only raise ``RuntimeError`` (the LibTorch stable ABI carries nothing but
+``std::exception`` across, see csrc/torch_api.h): their checks start the message with the Python
+type, ``"ValueError: ..."``. bertkern calls its operators through :func:`kernel_call`, which
+re-raises such an error as that type (also a ``RuntimeError``). A direct
+``torch.ops.bertkern`` call gets the ``RuntimeError``, its message naming the type.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ __all__ = [
     "TypeAndAssertionError",
     "TypeAndRuntimeError",
     "TypeAndAttributeError",
+    "IndexAndRuntimeError",
+    "kernel_call",
 ]
 
 
@@ -35,3 +43,30 @@ class TypeAndRuntimeError(TypeError, RuntimeError):
 
 class TypeAndAttributeError(TypeError, AttributeError):
     """A module of the wrong kind where torch fails on a missing attribute."""
+
+
+class IndexAndRuntimeError(IndexError, RuntimeError):
+    """An index out of range, found by a C++ operator."""
+
+
+# Message prefix a C++ check writes (csrc/torch_api.h, BERTKERN_CHECK_VALUE / _TYPE / _INDEX)
+# -> the exception bertkern raises for it.
+_KERNEL_ERRORS = {
+    "ValueError: ": ValueAndRuntimeError,
+    "TypeError: ": TypeAndRuntimeError,
+    "IndexError: ": IndexAndRuntimeError,
+}
+
+
+def kernel_call(op, *args):
+    """``op(*args)`` for a ``torch.ops.bertkern`` operator, its argument errors raised as the
+    Python type the C++ check names (``ValueError``, ``TypeError``, ``IndexError``; each also a
+    ``RuntimeError``). Other errors pass through unchanged."""
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        text = str(e)
+        for prefix, error in _KERNEL_ERRORS.items():
+            if text.startswith(prefix):
+                raise error(text[len(prefix):]) from None
+        raise

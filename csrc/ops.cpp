@@ -1,10 +1,11 @@
 // Operator schemas of the bertkern namespace and the Python module init; nothing else.
 // Implementations register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fakes and autograd
 // are registered in Python (bertkern/ops/).
+// Python's limited API (Py_LIMITED_API, set by setup.py): one binary for every CPython >= 3.10.
 #include <Python.h>
-#include <torch/library.h>
 
 #include "schemas.h"
+#include "torch_api.h"
 
 
 // `import bertkern._C` loads this shared library, which runs the static registrations below.
@@ -15,7 +16,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
-TORCH_LIBRARY(bertkern, m) {
+STABLE_TORCH_LIBRARY(bertkern, m) {
   // LayerNorm over the last dimension of z = x (+ residual).
   //   x, residual: (..., N); weight, bias: (N,) or None.
   //   y: like x. residual_out: z when residual is given and store_residual, else an empty (0,).

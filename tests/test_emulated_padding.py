@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from bertkern.errors import kernel_call  # the C++ checks' Python types, as bertkern's API raises them
 from tests.emulation.loader import BUILD_ROOT, HERE as EMU_DIR
 from tests.emulation.loader import load_emulated_ops
 from tests.emulation.tsan import Tsan, assert_instrumented, tsan_probe
@@ -182,7 +183,7 @@ def test_narrow_path_needs_pointer_alignment(ops):
 
 def test_gather_from_zero_rows_checks_indices(ops):
     with pytest.raises(IndexError):
-        ops.gather_rows(torch.empty(0, 4), torch.tensor([0, 0]))
+        kernel_call(ops.gather_rows, torch.empty(0, 4), torch.tensor([0, 0]))
 
 
 def test_zero_width_rows(ops):
@@ -217,18 +218,18 @@ def test_out_of_range_index_fails_the_device_side_check(ops):
     x = _random_rows((10, 6), torch.float32, seed=8)
     message = "device-side check failed: gather_rows: index out of range"
     with pytest.raises(IndexError, match=message) as failure:
-        ops.gather_rows(x, torch.tensor([0, 10, 2]))
+        kernel_call(ops.gather_rows, x, torch.tensor([0, 10, 2]))
     assert "(i >= 0 && i < n_src) at " in str(failure.value)  # the kernel's own check
     assert "padding.cuh:" in str(failure.value)
     with pytest.raises(IndexError, match=message):
-        ops.gather_rows(x, torch.tensor([-1]))
+        kernel_call(ops.gather_rows, x, torch.tensor([-1]))
     message = "device-side check failed: scatter_rows: index out of range"
     with pytest.raises(IndexError, match=message):
-        ops.scatter_rows(x[:3], torch.tensor([1, 10, 4]), 10)
+        kernel_call(ops.scatter_rows, x[:3], torch.tensor([1, 10, 4]), 10)
     with pytest.raises(IndexError, match=message):
-        ops.scatter_rows(x[:3, :3], torch.tensor([2, -5, 0]), 10)  # 12-byte rows
+        kernel_call(ops.scatter_rows, x[:3, :3], torch.tensor([2, -5, 0]), 10)  # 12-byte rows
     with pytest.raises(IndexError, match=message):
-        ops.scatter_rows(x[:1], torch.tensor([0]), 0)  # no rows to scatter into
+        kernel_call(ops.scatter_rows, x[:1], torch.tensor([0]), 0)  # no rows to scatter into
     # the next launch is unaffected
     assert torch.equal(ops.gather_rows(x, torch.tensor([9, 0])), x[[9, 0]])
 
@@ -237,19 +238,19 @@ def test_argument_checks(ops):
     x = torch.randn(4, 3)
     idx = torch.tensor([0, 2])
     with pytest.raises(TypeError):
-        ops.mask_to_indices(torch.zeros(2, 3, dtype=torch.int32))
+        kernel_call(ops.mask_to_indices, torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError):
-        ops.mask_to_indices(torch.zeros(6, dtype=torch.bool))
+        kernel_call(ops.mask_to_indices, torch.zeros(6, dtype=torch.bool))
     with pytest.raises(TypeError):
-        ops.gather_rows(x, idx.int())
+        kernel_call(ops.gather_rows, x, idx.int())
     with pytest.raises(ValueError):
-        ops.gather_rows(x, idx.view(1, 2))
+        kernel_call(ops.gather_rows, x, idx.view(1, 2))
     with pytest.raises(ValueError):
-        ops.gather_rows(torch.tensor(1.0), idx)
+        kernel_call(ops.gather_rows, torch.tensor(1.0), idx)
     with pytest.raises(ValueError):
-        ops.scatter_rows(x[:2], idx, -1)
+        kernel_call(ops.scatter_rows, x[:2], idx, -1)
     with pytest.raises(ValueError):
-        ops.scatter_rows(x[:3], idx, 4)
+        kernel_call(ops.scatter_rows, x[:3], idx, 4)
 
 
 # ---- ThreadSanitizer -----------------------------------------------------------------------

@@ -46,6 +46,25 @@ def test_cuda_kernels_built_when_toolkit_present():
     import bertkern
 
     toolkit = os.environ.get("CUDA_HOME") or os.path.exists("/usr/local/cuda/bin/nvcc") or shutil.which("nvcc")
-    if os.environ.get("BERTKERN_CUDA") == "0" or not toolkit:
-        pytest.skip("built without CUDA (no toolkit, or BERTKERN_CUDA=0)")
+    if os.environ.get("BERTKERN_CUDA") == "0" or not toolkit or torch.version.cuda is None:
+        pytest.skip("built without CUDA (no toolkit, a CPU-only torch, or BERTKERN_CUDA=0)")
     assert bertkern.cuda_kernels_built()
+
+
+def _bash_block_after(text: str, heading: str) -> list[str]:
+    section = text.split(heading, 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_ci_installs_and_tests_with_the_readme_commands():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    install = _bash_block_after(readme, "## Install")
+    assert install and all(line.startswith("pip install") for line in install), install
+    pip_lines = [line for line in ci if line.startswith("pip install")]
+    assert pip_lines == install, (pip_lines, install)
+    test_command = _bash_block_after(readme, "## The two commands")[0]
+    assert test_command == "pytest tests", test_command
+    assert any(line.startswith("python -m pytest tests ") for line in ci), ci

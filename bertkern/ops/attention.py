@@ -23,6 +23,7 @@ import os
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
+from bertkern.errors import kernel_call
 from bertkern.ops.padding import Packing
 
 _BACKENDS = ("auto", "triton", "cpu")
@@ -30,9 +31,15 @@ _BACKENDS = ("auto", "triton", "cpu")
 
 def _triton():
     """The Triton launchers; imported on first use, so that ``import bertkern`` stays light and
-    TRITON_INTERPRET can still be set by the caller."""
-    from bertkern.ops import attention_triton
-
+    TRITON_INTERPRET can still be set by the caller. torch's CPU builds ship without Triton:
+    asking for it there is an ImportError that says so."""
+    try:
+        from bertkern.ops import attention_triton
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        raise ImportError("attention: the Triton kernels need the triton package, which this "
+                          "torch build does not include (CPU builds); use backend='auto' or 'cpu'") from e
     return attention_triton
 
 
@@ -79,8 +86,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, causal=F
         return v.mul(v.new_zeros(()))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = _dropout_seed(float(dropout_p), q.device)
-    out, _ = torch.ops.bertkern.attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal),
-                                              float(dropout_p), seed)
+    out, _ = kernel_call(torch.ops.bertkern.attention_fwd, q, k, v, cu_seqlens, max_seqlen, scale,
+                         bool(causal), float(dropout_p), seed)
     return out
 
 
@@ -199,8 +206,8 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens, dropout_seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.bertkern.attention_bwd(dout, q, k, v, out, lse, cu_seqlens, *ctx.args,
-                                                  dropout_seed)
+    dq, dk, dv = kernel_call(torch.ops.bertkern.attention_bwd, dout, q, k, v, out, lse, cu_seqlens,
+                             *ctx.args, dropout_seed)
     return dq, dk, dv, None, None, None, None, None, None
 
 

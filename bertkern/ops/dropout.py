@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bertkern.errors import kernel_call
+
 __all__ = ["dropout"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -37,7 +39,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, relu: bool =
         return x
     if x.device.type != "cpu" or x.dtype not in _DTYPES or p == 1.0:
         return F.dropout(F.relu(x) if relu else x, p, training)
-    return torch.ops.bertkern.dropout_fwd(x, p, _seed(p), relu)
+    return kernel_call(torch.ops.bertkern.dropout_fwd, x, p, _seed(p), relu)
 
 
 @torch.library.register_fake("bertkern::dropout_fwd")
@@ -59,7 +61,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     y, seed = ctx.saved_tensors
-    return torch.ops.bertkern.dropout_bwd(grad, y, ctx.p, seed, ctx.relu), None, None, None
+    dx = kernel_call(torch.ops.bertkern.dropout_bwd, grad, y, ctx.p, seed, ctx.relu)
+    return dx, None, None, None
 
 
 torch.library.register_autograd("bertkern::dropout_fwd", _backward, setup_context=_setup_context)

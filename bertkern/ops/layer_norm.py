@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from bertkern.errors import kernel_call
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -79,8 +82,8 @@ def layer_norm(
     )
     # z is materialized only when someone reads it: the caller, or the backward.
     store_residual = residual is not None and (return_residual or needs_grad)
-    y, residual_out, _, _ = torch.ops.bertkern.layer_norm_fwd(
-        x, residual, weight, bias, float(eps), store_residual
+    y, residual_out, _, _ = kernel_call(
+        torch.ops.bertkern.layer_norm_fwd, x, residual, weight, bias, float(eps), store_residual
     )
     if not return_residual:
         return y
@@ -131,8 +134,8 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
         dy = torch.zeros_like(z)
     if not ctx.stored_residual:
         dresidual_out = None
-    dz, dweight, dbias = torch.ops.bertkern.layer_norm_bwd(
-        dy, dresidual_out, z, mean, rstd, weight, ctx.has_bias
+    dz, dweight, dbias = kernel_call(
+        torch.ops.bertkern.layer_norm_bwd, dy, dresidual_out, z, mean, rstd, weight, ctx.has_bias
     )
     return (
         dz,

@@ -15,6 +15,8 @@ import dataclasses
 
 import torch
 
+from bertkern.errors import kernel_call
+
 
 def _check_mask(x, key_padding_mask):
     if not isinstance(key_padding_mask, torch.Tensor):
@@ -50,7 +52,8 @@ def _unpack(x_packed, indices, padded_shape):
     an autograd view (as torch's matmul output): FSDP2 hooks a module's outputs, and an in-place
     op on a returned view would drop the hooks."""
     if indices is not None:
-        x_packed = torch.ops.bertkern.scatter_rows(x_packed, indices, padded_shape[0] * padded_shape[1])
+        x_packed = kernel_call(torch.ops.bertkern.scatter_rows, x_packed, indices,
+                               padded_shape[0] * padded_shape[1])
     return torch.ops.aten._unsafe_view(x_packed, (*padded_shape, *x_packed.shape[1:]))
 
 
@@ -79,7 +82,7 @@ class Packing:
     def from_mask(cls, key_padding_mask: torch.Tensor, batch_first: bool = True) -> "Packing":
         """The packing of a batch with ``key_padding_mask`` (B, S) bool, True = padding."""
         _check_mask(None, key_padding_mask)
-        indices, cu_seqlens, max_seqlen = torch.ops.bertkern.mask_to_indices(key_padding_mask)
+        indices, cu_seqlens, max_seqlen = kernel_call(torch.ops.bertkern.mask_to_indices, key_padding_mask)
         batch, seqlen = key_padding_mask.shape
         if not batch_first:  # token (b, s) is row s * B + b of an (S, B, *F) tensor viewed as (S * B, *F)
             indices = (indices % seqlen) * batch + torch.div(indices, seqlen, rounding_mode="floor")
@@ -120,7 +123,9 @@ class Packing:
             raise ValueError(f"Packing.pack: x has shape {tuple(getattr(x, 'shape', ()))}, expected "
                              f"{self.padded_shape} + features ({'(B, S' if self.batch_first else '(S, B'}, ...))")
         rows = x.reshape(self.batch * self.seqlen, *x.shape[2:])
-        return rows if self.indices is None else torch.ops.bertkern.gather_rows(rows, self.indices)
+        if self.indices is None:
+            return rows
+        return kernel_call(torch.ops.bertkern.gather_rows, rows, self.indices)
 
     def unpack(self, x_packed: torch.Tensor) -> torch.Tensor:
         """(T, *F) -> (*padded_shape, *F), zeros at padded positions. Differentiable (the
@@ -177,7 +182,7 @@ def pad(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) 
 def mask_to_indices(key_padding_mask: torch.Tensor):
     """(B, S) bool mask, True = padding -> (indices (T,) int64, cu_seqlens (B+1,) int32, max_seqlen)."""
     _check_mask(None, key_padding_mask)
-    return torch.ops.bertkern.mask_to_indices(key_padding_mask)
+    return kernel_call(torch.ops.bertkern.mask_to_indices, key_padding_mask)
 
 
 def key_padding_mask_from_lengths(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
@@ -256,7 +261,7 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     (indices,) = ctx.saved_tensors
-    return torch.ops.bertkern.scatter_rows(grad, indices, ctx.n_rows), None
+    return kernel_call(torch.ops.bertkern.scatter_rows, grad, indices, ctx.n_rows), None
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -266,7 +271,7 @@ def _scatter_setup(ctx, inputs, output):
 
 def _scatter_backward(ctx, grad):
     (indices,) = ctx.saved_tensors
-    return torch.ops.bertkern.gather_rows(grad, indices), None, None
+    return kernel_call(torch.ops.bertkern.gather_rows, grad, indices), None, None
 
 
 torch.library.register_autograd("bertkern::gather_rows", _gather_backward, setup_context=_gather_setup)

@@ -20,12 +20,13 @@
 // sees all keys of its sequence at once.
 //
 // GEMMs call the BLAS that libtorch_cpu exports (sgemm_ / dgemm_, MKL on x86-64 wheels) directly:
-// the cpublas::gemm overloads are not exported, and at::mm costs microseconds of dispatch per
-// call, a large share of a 100 x 100 x 64 product. The BLAS symbols are weak, so a torch build
-// without them still loads this library and falls back to at::addmm_out on the same buffers.
-// Threads: the tasks are spread over at::parallel_for, which needs this file compiled with
-// -fopenmp (else they run on one thread). Each GEMM is sequential (MKL's thread-local setting);
-// calls too small to be worth waking a second thread run on one.
+// the cpublas::gemm overloads are not exported, and a matmul through the dispatcher costs
+// microseconds per call, a large share of a 100 x 100 x 64 product. The BLAS symbols are weak,
+// so a torch build without them still loads this library and falls back to torch::stable::matmul
+// on views of the same buffers (blas.h).
+// Threads: the tasks are spread over libtorch's intra-op pool (bertkern::parallel_for, through
+// the stable ABI; task_runner.h). Each GEMM is sequential (MKL's thread-local setting); calls
+// too small to be worth waking a second thread run on one.
 //
 // Dtypes: float32 and float64 (for gradcheck) are computed in their own precision; float16 and
 // bfloat16 inputs are converted to float32 once, computed in float32, and the results converted
@@ -44,11 +45,6 @@
 // The test-only operator bertkern::_philox_words(int seed, Tensor offsets) -> Tensor (schema in
 // csrc/ops.cpp, CPU kernel at the end of this file) returns the four words of each int32 counter (as int32, shape
 // offsets.shape + (4,)) so that tests can compare them with the numpy Philox of tests/reference.py.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/Exception.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -63,6 +59,7 @@
 #include "cpu/cpu_common.h"
 #include "cpu/philox.h"
 #include "cpu/task_runner.h"
+#include "torch_api.h"
 
 
 namespace bertkern {
@@ -348,16 +345,16 @@ struct Rows {
 
 // t itself when its (sequence, head) slices are valid BLAS operands (unit stride along D, token
 // stride >= D, e.g. q/k/v views of a packed (T, 3, H, D) qkv), else a contiguous copy.
-at::Tensor as_row_operand(const at::Tensor& t) {
+Tensor as_row_operand(const Tensor& t) {
   const int64_t T = t.size(0), D = t.size(2);
   const bool ok = (D == 1 || t.stride(2) == 1) && (T <= 1 || t.stride(0) >= D);
-  return ok ? t : t.contiguous();
+  return ok ? t : as_contiguous(t);
 }
 
 template <typename T>
-Rows<T> rows_of(const at::Tensor& t) {
+Rows<T> rows_of(const Tensor& t) {
   Rows<T> r;
-  r.ptr = const_cast<T*>(t.const_data_ptr<T>());
+  r.ptr = const_cast<T*>(const_data<T>(t));
   // A single token: only row 0 is addressed, and any ld >= D is a valid BLAS leading dimension.
   r.ld = t.size(0) > 1 ? t.stride(0) : t.size(2);
   r.head_stride = t.stride(1);
@@ -365,11 +362,10 @@ Rows<T> rows_of(const at::Tensor& t) {
 }
 
 // Computation type: float64 for float64 inputs, float32 otherwise.
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+ScalarType acc_type(ScalarType t) { return t == kDouble ? kDouble : kFloat; }
 
-at::Tensor to_acc(const at::Tensor& t) {
-  const at::ScalarType acc = acc_type(t.scalar_type());
-  return as_row_operand(t.scalar_type() == acc ? t : t.to(acc));
+Tensor to_acc(const Tensor& t) {
+  return as_row_operand(to_dtype(t, acc_type(t.scalar_type())));
 }
 
 // Query rows per block for a sequence of L tokens: up to 128 (64 when causal, so that blocks skip
@@ -387,20 +383,20 @@ int64_t block_rows(int64_t L, bool causal) {
 // Argument checks (before any compute). ValueError / TypeError naming the argument.
 // ---------------------------------------------------------------------------------------------
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+bool is_supported_dtype(ScalarType t) {
+  return t == kFloat || t == kHalf || t == kBFloat16 || t == kDouble;
 }
 
-void check_qkv_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got device ",
-                    t.device());
-  TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must have shape (T, H, D), got shape ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(),
-                    " (self-attention on packed tokens), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
-                   q.scalar_type(), ", got ", t.scalar_type());
+void check_qkv_like(const char* op, const char* name, const Tensor& t, const Tensor& q) {
+  BERTKERN_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  BERTKERN_CHECK_VALUE(t.device().is_cpu(), op, ": ", name,
+                       " must be a CPU tensor here, got device ", t.device());
+  BERTKERN_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must have shape (T, H, D), got shape ",
+                       t.sizes());
+  BERTKERN_CHECK_VALUE(same_shape(t, q), op, ": ", name, " must have q's shape ", q.sizes(),
+                       " (self-attention on packed tokens), got ", t.sizes());
+  BERTKERN_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
+                      q.scalar_type(), ", got ", t.scalar_type());
 }
 
 struct Problem {
@@ -409,66 +405,67 @@ struct Problem {
   uint64_t seed = 0;
 };
 
-Problem check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
-                     double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
-  TORCH_CHECK_VALUE(q.defined(), op, ": q is undefined");
-  TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got device ",
-                    q.device());
-  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape (T, H, D), got shape ", q.sizes());
-  TORCH_CHECK_TYPE(is_supported_dtype(q.scalar_type()), op,
-                   ": q must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
-  TORCH_CHECK_VALUE(q.size(2) >= 1, op, ": head dimension D = q.shape[2] must be >= 1, got shape ",
-                    q.sizes());
+Problem check_common(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& cu_seqlens, int64_t max_seqlen, double scale,
+                     double dropout_p, const OptionalTensor& dropout_seed) {
+  BERTKERN_CHECK_VALUE(q.defined(), op, ": q is undefined");
+  BERTKERN_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got device ",
+                       q.device());
+  BERTKERN_CHECK_VALUE(q.dim() == 3, op, ": q must have shape (T, H, D), got shape ", q.sizes());
+  BERTKERN_CHECK_TYPE(is_supported_dtype(q.scalar_type()), op,
+                      ": q must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
+  BERTKERN_CHECK_VALUE(q.size(2) >= 1, op,
+                       ": head dimension D = q.shape[2] must be >= 1, got shape ", q.sizes());
   check_qkv_like(op, "k", k, q);
   check_qkv_like(op, "v", v, q);
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  BERTKERN_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 
-  TORCH_CHECK_VALUE(cu_seqlens.defined(), op, ": cu_seqlens is undefined");
-  TORCH_CHECK_VALUE(cu_seqlens.device().is_cpu(), op,
-                    ": cu_seqlens must be a CPU tensor with q on the CPU, got device ",
-                    cu_seqlens.device());
-  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt, op,
-                   ": cu_seqlens must be int32, got dtype ", cu_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, op,
-                    ": cu_seqlens must have shape (B + 1,) with B >= 0, got shape ",
-                    cu_seqlens.sizes());
+  BERTKERN_CHECK_VALUE(cu_seqlens.defined(), op, ": cu_seqlens is undefined");
+  BERTKERN_CHECK_VALUE(cu_seqlens.device().is_cpu(), op,
+                       ": cu_seqlens must be a CPU tensor with q on the CPU, got device ",
+                       cu_seqlens.device());
+  BERTKERN_CHECK_TYPE(cu_seqlens.scalar_type() == kInt, op,
+                      ": cu_seqlens must be int32, got dtype ", cu_seqlens.scalar_type());
+  BERTKERN_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, op,
+                       ": cu_seqlens must have shape (B + 1,) with B >= 0, got shape ",
+                       cu_seqlens.sizes());
   Problem pr;
   pr.T = q.size(0);
   pr.H = q.size(1);
   pr.D = q.size(2);
-  const at::Tensor cu_c = cu_seqlens.contiguous();
-  const int32_t* cu = cu_c.const_data_ptr<int32_t>();
+  const Tensor cu_c = as_contiguous(cu_seqlens);
+  const int32_t* cu = const_data<int32_t>(cu_c);
   const int64_t B = cu_c.numel() - 1;
-  TORCH_CHECK_VALUE(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+  BERTKERN_CHECK_VALUE(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(cu[b + 1] >= cu[b], op, ": cu_seqlens must be nondecreasing, got cu_seqlens[",
-                      b, "] = ", cu[b], " > cu_seqlens[", b + 1, "] = ", cu[b + 1]);
+    BERTKERN_CHECK_VALUE(cu[b + 1] >= cu[b], op,
+                         ": cu_seqlens must be nondecreasing, got cu_seqlens[", b, "] = ", cu[b],
+                         " > cu_seqlens[", b + 1, "] = ", cu[b + 1]);
     longest = std::max<int64_t>(longest, int64_t{cu[b + 1]} - cu[b]);
   }
-  TORCH_CHECK_VALUE(cu[B] == pr.T, op, ": cu_seqlens[-1] = ", cu[B],
-                    " must equal the number of tokens T = q.shape[0] = ", pr.T);
-  TORCH_CHECK_VALUE(max_seqlen >= longest && max_seqlen <= std::numeric_limits<int32_t>::max(), op,
-                    ": max_seqlen must be >= the longest sequence (", longest,
-                    ") and < 2^31, got ", max_seqlen);
+  BERTKERN_CHECK_VALUE(cu[B] == pr.T, op, ": cu_seqlens[-1] = ", cu[B],
+                       " must equal the number of tokens T = q.shape[0] = ", pr.T);
+  BERTKERN_CHECK_VALUE(max_seqlen >= longest && max_seqlen <= std::numeric_limits<int32_t>::max(),
+                       op, ": max_seqlen must be >= the longest sequence (", longest,
+                       ") and < 2^31, got ", max_seqlen);
   pr.cu.assign(cu, cu + B + 1);
 
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
-                    dropout_p);
+  BERTKERN_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op,
+                       ": dropout_p must be in [0, 1), got ", dropout_p);
   if (dropout_p > 0.0) {
-    TORCH_CHECK_VALUE(dropout_seed.has_value() && dropout_seed->defined(), op,
-                      ": dropout_seed is required when dropout_p > 0");
-    const at::Tensor& s = *dropout_seed;
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, op, ": dropout_seed must be int64, got dtype ",
-                     s.scalar_type());
-    TORCH_CHECK_VALUE(s.numel() == 1 && s.dim() == 1, op,
-                      ": dropout_seed must have shape (1,), got shape ", s.sizes());
-    TORCH_CHECK_VALUE(s.device().is_cpu(), op, ": dropout_seed must be on q's device (cpu), got ",
-                      s.device());
-    const int64_t value = s.item<int64_t>();
-    TORCH_CHECK_VALUE(value >= 0 && value < (int64_t{1} << 62), op,
-                      ": dropout_seed must be in [0, 2^62), got ", value);
+    BERTKERN_CHECK_VALUE(dropout_seed.has_value() && dropout_seed->defined(), op,
+                         ": dropout_seed is required when dropout_p > 0");
+    const Tensor& s = *dropout_seed;
+    BERTKERN_CHECK_TYPE(s.scalar_type() == kLong, op, ": dropout_seed must be int64, got dtype ",
+                        s.scalar_type());
+    BERTKERN_CHECK_VALUE(s.numel() == 1 && s.dim() == 1, op,
+                         ": dropout_seed must have shape (1,), got shape ", s.sizes());
+    BERTKERN_CHECK_VALUE(s.device().is_cpu(), op,
+                         ": dropout_seed must be on q's device (cpu), got ", s.device());
+    const int64_t value = const_data<int64_t>(s)[0];
+    BERTKERN_CHECK_VALUE(value >= 0 && value < (int64_t{1} << 62), op,
+                         ": dropout_seed must be in [0, 2^62), got ", value);
     pr.seed = static_cast<uint64_t>(value);
   }
   return pr;
@@ -479,14 +476,14 @@ Problem check_common(const char* op, const at::Tensor& q, const at::Tensor& k, c
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-void attention_fwd_impl(const Problem& pr, const at::Tensor& q_t, const at::Tensor& k_t,
-                        const at::Tensor& v_t, at::Tensor& out_t, at::Tensor& lse_t,
+void attention_fwd_impl(const Problem& pr, const Tensor& q_t, const Tensor& k_t,
+                        const Tensor& v_t, const Tensor& out_t, const Tensor& lse_t,
                         int64_t max_seqlen, double scale_d, bool causal, double dropout_p) {
   const int64_t H = pr.H, D = pr.D, n_tokens = pr.T;
   const int64_t B = static_cast<int64_t>(pr.cu.size()) - 1;
   const Rows<T> q = rows_of<T>(q_t), k = rows_of<T>(k_t), v = rows_of<T>(v_t);
   const Rows<T> out = rows_of<T>(out_t);
-  T* lse = lse_t.data_ptr<T>();
+  T* lse = data<T>(lse_t);
   const T scale = static_cast<T>(scale_d);
 
   struct Task {
@@ -525,24 +522,23 @@ void attention_fwd_impl(const Problem& pr, const at::Tensor& q_t, const at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in,
-                                                     const at::Tensor& cu_seqlens,
-                                                     int64_t max_seqlen, double scale, bool causal,
-                                                     double dropout_p,
-                                                     const std::optional<at::Tensor>& dropout_seed) {
+std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q_in, const Tensor& k_in,
+                                             const Tensor& v_in, const Tensor& cu_seqlens,
+                                             int64_t max_seqlen, double scale, bool causal,
+                                             double dropout_p,
+                                             const OptionalTensor& dropout_seed) {
   const Problem pr = check_common("attention_fwd", q_in, k_in, v_in, cu_seqlens, max_seqlen, scale,
                                   dropout_p, dropout_seed);
-  const at::ScalarType dtype = q_in.scalar_type(), acc = acc_type(dtype);
-  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
-  at::Tensor out = at::empty({pr.T, pr.H, pr.D}, q_in.options().dtype(acc));
-  at::Tensor lse = at::empty({pr.H, pr.T}, q_in.options().dtype(acc));
-  if (acc == at::kDouble) {
+  const ScalarType dtype = q_in.scalar_type(), acc = acc_type(dtype);
+  const Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
+  Tensor out = empty({pr.T, pr.H, pr.D}, acc, q_in.device());
+  Tensor lse = empty({pr.H, pr.T}, acc, q_in.device());
+  if (acc == kDouble) {
     attention_fwd_impl<double>(pr, q, k, v, out, lse, max_seqlen, scale, causal, dropout_p);
   } else {
     attention_fwd_impl<float>(pr, q, k, v, out, lse, max_seqlen, scale, causal, dropout_p);
   }
-  return {dtype == acc ? out : out.to(dtype), lse};
+  return {to_dtype(out, dtype), lse};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -550,17 +546,17 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-void attention_bwd_impl(const Problem& pr, const at::Tensor& dout_t, const at::Tensor& q_t,
-                        const at::Tensor& k_t, const at::Tensor& v_t,
-                        const at::Tensor& lse_t, at::Tensor& dq_t, at::Tensor& dk_t,
-                        at::Tensor& dv_t, int64_t max_seqlen, double scale_d, bool causal,
+void attention_bwd_impl(const Problem& pr, const Tensor& dout_t, const Tensor& q_t,
+                        const Tensor& k_t, const Tensor& v_t,
+                        const Tensor& lse_t, const Tensor& dq_t, const Tensor& dk_t,
+                        const Tensor& dv_t, int64_t max_seqlen, double scale_d, bool causal,
                         double dropout_p) {
   const int64_t H = pr.H, D = pr.D, n_tokens = pr.T;
   const int64_t B = static_cast<int64_t>(pr.cu.size()) - 1;
   const Rows<T> q = rows_of<T>(q_t), k = rows_of<T>(k_t), v = rows_of<T>(v_t);
   const Rows<T> dout = rows_of<T>(dout_t);
   const Rows<T> dq = rows_of<T>(dq_t), dk = rows_of<T>(dk_t), dv = rows_of<T>(dv_t);
-  const T* lse = lse_t.const_data_ptr<T>();
+  const T* lse = const_data<T>(lse_t);
   const T scale = static_cast<T>(scale_d);
   const bool dropout = dropout_p > 0;
 
@@ -615,43 +611,42 @@ void attention_bwd_impl(const Problem& pr, const at::Tensor& dout_t, const at::T
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
-    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, bool causal, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed) {
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
+    const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+    const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
+    const Tensor& cu_seqlens, int64_t max_seqlen, double scale, bool causal, double dropout_p,
+    const OptionalTensor& dropout_seed) {
   const char* op = "attention_bwd";
   const Problem pr = check_common(op, q_in, k_in, v_in, cu_seqlens, max_seqlen, scale, dropout_p,
                                   dropout_seed);
   check_qkv_like(op, "dout", dout_in, q_in);
   check_qkv_like(op, "out", out_in, q_in);
-  const at::ScalarType dtype = q_in.scalar_type(), acc = acc_type(dtype);
-  TORCH_CHECK_VALUE(lse_in.defined() && lse_in.device().is_cpu(), op,
-                    ": lse must be a CPU tensor");
-  TORCH_CHECK_TYPE(lse_in.scalar_type() == acc, op, ": lse must be ", acc, " for ", dtype,
-                   " inputs, got ", lse_in.scalar_type());
-  TORCH_CHECK_VALUE(lse_in.dim() == 2 && lse_in.size(0) == pr.H && lse_in.size(1) == pr.T, op,
-                    ": lse must have shape (H, T) = (", pr.H, ", ", pr.T, "), got ",
-                    lse_in.sizes());
+  const ScalarType dtype = q_in.scalar_type(), acc = acc_type(dtype);
+  BERTKERN_CHECK_VALUE(lse_in.defined() && lse_in.device().is_cpu(), op,
+                       ": lse must be a CPU tensor");
+  BERTKERN_CHECK_TYPE(lse_in.scalar_type() == acc, op, ": lse must be ", acc, " for ", dtype,
+                      " inputs, got ", lse_in.scalar_type());
+  BERTKERN_CHECK_VALUE(lse_in.dim() == 2 && lse_in.size(0) == pr.H && lse_in.size(1) == pr.T, op,
+                       ": lse must have shape (H, T) = (", pr.H, ", ", pr.T, "), got ",
+                       lse_in.sizes());
 
-  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
+  const Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
   // out is part of the schema (FlashAttention's delta = rowsum(dO * O)) but not read: delta is
   // summed from the recomputed float32 P and dP instead (see bwd_ds_body).
-  const at::Tensor dout = to_acc(dout_in);
-  const at::Tensor lse = lse_in.contiguous();
-  const auto options = q_in.options().dtype(acc);
-  at::Tensor dq = at::empty({pr.T, pr.H, pr.D}, options);
-  at::Tensor dk = at::empty({pr.T, pr.H, pr.D}, options);
-  at::Tensor dv = at::empty({pr.T, pr.H, pr.D}, options);
-  if (acc == at::kDouble) {
+  const Tensor dout = to_acc(dout_in);
+  const Tensor lse = as_contiguous(lse_in);
+  const Device device = q_in.device();
+  Tensor dq = empty({pr.T, pr.H, pr.D}, acc, device);
+  Tensor dk = empty({pr.T, pr.H, pr.D}, acc, device);
+  Tensor dv = empty({pr.T, pr.H, pr.D}, acc, device);
+  if (acc == kDouble) {
     attention_bwd_impl<double>(pr, dout, q, k, v, lse, dq, dk, dv, max_seqlen, scale, causal,
                                dropout_p);
   } else {
     attention_bwd_impl<float>(pr, dout, q, k, v, lse, dq, dk, dv, max_seqlen, scale, causal,
                               dropout_p);
   }
-  if (dtype != acc) return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
-  return {dq, dk, dv};
+  return {to_dtype(dq, dtype), to_dtype(dk, dtype), to_dtype(dv, dtype)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,25 +654,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 // int32 offsets, as int32 bits; shape offsets.shape + (4,).
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor philox_words_cpu(int64_t seed, const at::Tensor& offsets_in) {
-  TORCH_CHECK_TYPE(offsets_in.scalar_type() == at::kInt,
-                   "_philox_words: offsets must be int32, got dtype ", offsets_in.scalar_type());
-  const at::Tensor offsets = offsets_in.contiguous();
-  std::vector<int64_t> shape(offsets.sizes().begin(), offsets.sizes().end());
-  shape.push_back(4);
-  at::Tensor r = at::empty(shape, offsets.options());
+Tensor philox_words_cpu(int64_t seed, const Tensor& offsets_in) {
+  BERTKERN_CHECK_TYPE(offsets_in.scalar_type() == kInt,
+                      "_philox_words: offsets must be int32, got dtype ", offsets_in.scalar_type());
+  const Tensor offsets = as_contiguous(offsets_in);
+  std::vector<int64_t> words_shape = shape(offsets);
+  words_shape.push_back(4);
+  Tensor r = empty(words_shape, kInt, offsets.device());
   const uint64_t key = static_cast<uint64_t>(seed);
-  philox_words_n(offsets.const_data_ptr<int32_t>(), r.data_ptr<int32_t>(), offsets.numel(),
+  philox_words_n(const_data<int32_t>(offsets), data<int32_t>(r), offsets.numel(),
                  static_cast<uint32_t>(key & 0xffffffffu), static_cast<uint32_t>(key >> 32));
   return r;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
-  m.impl("attention_fwd", &attention_fwd_cpu);
-  m.impl("attention_bwd", &attention_bwd_cpu);
-  m.impl("_philox_words", &philox_words_cpu);
+STABLE_TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
+  m.impl("attention_fwd", TORCH_BOX(&attention_fwd_cpu));
+  m.impl("attention_bwd", TORCH_BOX(&attention_bwd_cpu));
+  m.impl("_philox_words", TORCH_BOX(&philox_words_cpu));
 }
 
 }  // namespace bertkern

@@ -1,26 +1,27 @@
 // Row-major GEMM for the CPU kernels, calling the BLAS that libtorch_cpu exports (sgemm_ /
-// dgemm_, MKL on x86-64 wheels) directly: the cpublas::gemm overloads are not exported, and
-// at::mm costs microseconds of dispatch per call, a large share of a 100 x 100 x 64 product. The
-// BLAS symbols are weak, so a torch build without them still loads this library and falls back
-// to at::addmm_out on the same buffers (as does a build with BERTKERN_ATEN_GEMM defined).
+// dgemm_, MKL on x86-64 wheels) directly: the cpublas::gemm overloads are not exported, and a
+// matmul through the dispatcher costs microseconds per call, a large share of a 100 x 100 x 64
+// product. These are the Fortran BLAS ABI, not libtorch's C++ ABI: the stable-ABI check
+// (tests/test_stable_abi.py) allows exactly sgemm_, dgemm_ and MKL_Set_Num_Threads_Local. The
+// symbols are weak, so a torch build without them still loads this library and falls back to
+// torch::stable::matmul on views of the same buffers (as does a build with BERTKERN_FALLBACK_GEMM
+// defined).
 //
 //   gemm<T>(...)        C = alpha op(A) op(B) + beta C, T float or double
 //   SequentialBlas      makes the calling thread's BLAS single-threaded while it lives
 #pragma once
 
-#include <ATen/Config.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/from_blob.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 // Fortran BLAS exported by libtorch_cpu (the same symbols ATen's CPUBlas.cpp calls). Weak: null
-// when this torch build does not export them, and then the ATen fallback runs.
-#if AT_BUILD_WITH_BLAS() && defined(__GNUC__) && defined(__ELF__) && !defined(BERTKERN_ATEN_GEMM)
+// when this torch build does not export them, and then the stable-ABI fallback runs.
+#if defined(__GNUC__) && defined(__ELF__) && !defined(BERTKERN_FALLBACK_GEMM)
 #define BERTKERN_BLAS_SYMBOLS 1
 extern "C" {
 __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
@@ -46,17 +47,35 @@ namespace bertkern {
 // C's contents.
 // ---------------------------------------------------------------------------------------------
 
+// Fallback without the BLAS symbols: P = op(A) op(B) by torch::stable::matmul on from_blob views
+// of the buffers (strided, nothing copied in), then C = alpha P + beta C in a plain loop.
 template <typename T>
-void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+void gemm_fallback(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
+                   const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const ScalarType dtype = std::is_same_v<T, double> ? kDouble : kFloat;
+  const Device cpu(torch::headeronly::DeviceType::CPU);
+  // op(X) (rows x cols) of a row-major buffer with row stride ld: X itself, or the transpose of
+  // the stored (cols x rows) matrix, as strides.
   auto view = [&](const T* ptr, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    at::Tensor stored = at::from_blob(const_cast<T*>(ptr), {trans ? cols : rows, trans ? rows : cols},
-                                      {ld, 1}, options);
-    return trans ? stored.t() : stored;
+    const std::vector<int64_t> sizes{rows, cols};
+    const std::vector<int64_t> strides =
+        trans ? std::vector<int64_t>{1, ld} : std::vector<int64_t>{ld, 1};
+    return torch::stable::from_blob(const_cast<T*>(ptr), sizes, strides, cpu, dtype);
   };
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
-  at::addmm_out(c, c, view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, alpha);
+  Tensor p;
+  if (K > 0) {
+    p = as_contiguous(
+        torch::stable::matmul(view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b)));
+  }
+  const T* pp = K > 0 ? const_data<T>(p) : nullptr;  // K == 0: the product is 0
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    const T* pr = pp != nullptr ? pp + i * N : nullptr;
+    for (int64_t j = 0; j < N; ++j) {
+      const T prod = pr != nullptr ? alpha * pr[j] : T(0);
+      c[j] = beta == T(0) ? prod : prod + beta * c[j];  // beta == 0 ignores C (NaN included)
+    }
+  }
 }
 
 template <typename T>
@@ -80,7 +99,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
     return;
   }
 #endif
-  gemm_aten<T>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm_fallback<T>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // Makes the BLAS of the calling thread sequential for its lifetime (when `enable`; MKL only,

@@ -66,7 +66,7 @@ void add_round_bf16(const uint16_t* __restrict x, const uint16_t* __restrict res
 // float16 needs the F16C conversion instructions to be fast; GCC does not vectorize _Float16
 // conversions by itself, so use the intrinsics where the CPU has them.
 #if BERTKERN_X86_DISPATCH
-__attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const c10::Half* src, float* dst,
+__attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const Half* src, float* dst,
                                                          int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -76,7 +76,7 @@ __attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const c10::Half* src, f
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
 }
 
-__attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float* src, c10::Half* dst,
+__attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float* src, Half* dst,
                                                          int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -86,9 +86,9 @@ __attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float* src, c10::
   for (; i < n; ++i) dst[i].x = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
-__attribute__((target("avx,f16c"))) void add_round_f16_f16c(const c10::Half* x,
-                                                            const c10::Half* residual,
-                                                            c10::Half* z_low, float* zf,
+__attribute__((target("avx,f16c"))) void add_round_f16_f16c(const Half* x,
+                                                            const Half* residual,
+                                                            Half* z_low, float* zf,
                                                             int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -108,43 +108,43 @@ __attribute__((target("avx,f16c"))) void add_round_f16_f16c(const c10::Half* x,
 
 }  // namespace
 
-void to_float(const c10::Half* src, float* dst, int64_t n) {
+void to_float(const Half* src, float* dst, int64_t n) {
 #if BERTKERN_X86_DISPATCH
   if (cpu_has_f16c()) return f16_to_f32_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-void from_float(const float* src, c10::Half* dst, int64_t n) {
+void from_float(const float* src, Half* dst, int64_t n) {
 #if BERTKERN_X86_DISPATCH
   if (cpu_has_f16c()) return f32_to_f16_f16c(src, dst, n);
 #endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Half>(src[i]);
 }
 
 // z = x + residual rounded to float16 into z_low, and widened again into zf.
-void add_round(const c10::Half* x, const c10::Half* residual, c10::Half* z_low, float* zf,
+void add_round(const Half* x, const Half* residual, Half* z_low, float* zf,
                int64_t n) {
 #if BERTKERN_X86_DISPATCH
   if (cpu_has_f16c()) return add_round_f16_f16c(x, residual, z_low, zf, n);
 #endif
   for (int64_t i = 0; i < n; ++i) {
-    z_low[i] = static_cast<c10::Half>(static_cast<float>(x[i]) + static_cast<float>(residual[i]));
+    z_low[i] = static_cast<Half>(static_cast<float>(x[i]) + static_cast<float>(residual[i]));
     zf[i] = static_cast<float>(z_low[i]);
   }
 }
 
-void add_round(const c10::BFloat16* x, const c10::BFloat16* residual, c10::BFloat16* z_low,
+void add_round(const BFloat16* x, const BFloat16* residual, BFloat16* z_low,
                float* zf, int64_t n) {
   add_round_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(residual),
                  reinterpret_cast<uint16_t*>(z_low), zf, n);
 }
 
-void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+void to_float(const BFloat16* src, float* dst, int64_t n) {
   bf16_to_f32(reinterpret_cast<const uint16_t*>(src), dst, n);
 }
 
-void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
+void from_float(const float* src, BFloat16* dst, int64_t n) {
   f32_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
 }
 

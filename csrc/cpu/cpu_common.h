@@ -1,5 +1,6 @@
 // Build macros shared by the CPU kernels (csrc/cpu/*.cpp), and the grain of their
-// at::parallel_for loops. The other shared pieces, one header each:
+// bertkern::parallel_for loops (torch_api.h: libtorch's intra-op pool). The other shared
+// pieces, one header each:
 //   blas.h          row-major GEMM through the BLAS libtorch exports (attention)
 //   task_runner.h   uneven independent tasks over the threads, largest first (attention)
 //   philox.h        Philox4x32-10 as Triton computes it: dropout masks (attention, dropout)
@@ -28,16 +29,9 @@
 #define BERTKERN_ALWAYS_INLINE inline
 #endif
 
-// at::parallel_for is a header template that parallelizes through "#pragma omp parallel" only
-// when the including file is compiled with -fopenmp (setup.py passes it); otherwise every task
-// runs on the calling thread.
-#if !defined(_OPENMP)
-#warning "bertkern: a csrc/cpu kernel was built without -fopenmp: at::parallel_for runs on one thread"
-#endif
-
 namespace bertkern {
 
-// Grain (items per task) of an at::parallel_for over items of item_size units each (elements,
+// Grain (items per task) of a parallel_for over items of item_size units each (elements,
 // bytes): about task_size units per task, at least one item.
 inline int64_t parallel_grain(int64_t task_size, int64_t item_size) {
   return std::max<int64_t>(1, task_size / std::max<int64_t>(item_size, 1));

@@ -13,14 +13,6 @@
 // l < 16) uses output word j of Philox4x32-10 with counter n = 16 b + l, i.e.
 // (lo32(n), hi32(n), 0, 0), and key (lo32(seed), hi32(seed)); it is kept when
 // word >= threshold, threshold = round(p * 2^32) (P(drop) = p to within 2^-32).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,6 +21,7 @@
 #include "cpu/convert.h"
 #include "cpu/cpu_common.h"
 #include "cpu/philox.h"
+#include "torch_api.h"
 
 namespace bertkern {
 namespace {
@@ -125,25 +118,25 @@ void through_f32(const scalar_t* in, const scalar_t* in2, scalar_t* out, int64_t
 // ---- checks and entry points --------------------------------------------------------------
 
 void check_p(double p, const char* op) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  BERTKERN_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
 }
 
-void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+void check_float(const Tensor& t, const char* op, const char* name) {
+  BERTKERN_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   const auto st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": ",
-                   name, " must be float32, float64, float16 or bfloat16, got ", st);
+  BERTKERN_CHECK_TYPE(st == kFloat || st == kDouble || st == kHalf || st == kBFloat16, op, ": ",
+                      name, " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
-Rng make_rng(double p, const std::optional<at::Tensor>& seed, const char* op) {
+Rng make_rng(double p, const OptionalTensor& seed, const char* op) {
   Rng rng{0, 0, 0};
   if (p == 0.0) return rng;  // threshold 0: every element kept, the seed is not read
-  TORCH_CHECK_VALUE(seed.has_value() && seed->defined(), op, ": seed is required when p > 0");
-  const at::Tensor& s = *seed;
-  TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, op, ": seed must be int64, got ", s.scalar_type());
-  TORCH_CHECK_VALUE(s.numel() == 1 && s.dim() == 1, op, ": seed must have shape (1,), got ", s.sizes());
-  TORCH_CHECK_VALUE(s.device().is_cpu(), op, ": seed must be a CPU tensor, got ", s.device());
-  const uint64_t value = static_cast<uint64_t>(s.data_ptr<int64_t>()[0]);
+  BERTKERN_CHECK_VALUE(seed.has_value() && seed->defined(), op, ": seed is required when p > 0");
+  const Tensor& s = *seed;
+  BERTKERN_CHECK_TYPE(s.scalar_type() == kLong, op, ": seed must be int64, got ", s.scalar_type());
+  BERTKERN_CHECK_VALUE(s.numel() == 1 && s.dim() == 1, op, ": seed must have shape (1,), got ", s.sizes());
+  BERTKERN_CHECK_VALUE(s.device().is_cpu(), op, ": seed must be a CPU tensor, got ", s.device());
+  const uint64_t value = static_cast<uint64_t>(const_data<int64_t>(s)[0]);
   rng.seed_lo = static_cast<uint32_t>(value & kLow);
   rng.seed_hi = static_cast<uint32_t>(value >> 32);
   // p < 1, so p * 2^32 < 2^32; rounding up to 2^32 only for p within 2^-33 of 1.
@@ -156,38 +149,38 @@ Rng make_rng(double p, const std::optional<at::Tensor>& seed, const char* op) {
 template <typename F>
 void parallel_blocks(int64_t n, F f) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, parallel_grain(32768, kBlock), [&](int64_t b0, int64_t b1) {
+  parallel_for(0, blocks, parallel_grain(32768, kBlock), [&](int64_t b0, int64_t b1) {
     f(b0 * kBlock, std::min(n, b1 * kBlock));
   });
 }
 
-at::Tensor dropout_fwd_cpu(const at::Tensor& x_in, double p, const std::optional<at::Tensor>& seed, bool relu) {
+Tensor dropout_fwd_cpu(const Tensor& x_in, double p, const OptionalTensor& seed, bool relu) {
   constexpr const char* op = "bertkern::dropout_fwd";
   check_float(x_in, op, "x");
   check_p(p, op);
   const Rng rng = make_rng(p, seed, op);
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const Tensor x = as_contiguous(x_in);
+  Tensor y = empty(x.sizes(), x.scalar_type(), x.device());
   const int64_t n = x.numel();
   const double scale = 1.0 / (1.0 - p);
   const float scale_f = static_cast<float>(scale);
   switch (x.scalar_type()) {
-    case at::kFloat: {
-      const float* xp = x.data_ptr<float>();
-      float* yp = y.data_ptr<float>();
+    case kFloat: {
+      const float* xp = const_data<float>(x);
+      float* yp = data<float>(y);
       parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_fwd_f32(xp + b, yp + b, e - b, b, rng, scale_f, relu); });
       break;
     }
-    case at::kDouble: {
-      const double* xp = x.data_ptr<double>();
-      double* yp = y.data_ptr<double>();
+    case kDouble: {
+      const double* xp = const_data<double>(x);
+      double* yp = data<double>(y);
       parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_fwd_f64(xp + b, yp + b, e - b, b, rng, scale, relu); });
       break;
     }
     default:
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "dropout_fwd", [&] {
-        const scalar_t* xp = x.data_ptr<scalar_t>();
-        scalar_t* yp = y.data_ptr<scalar_t>();
+      BERTKERN_DISPATCH_REDUCED_FLOATS(x.scalar_type(), "dropout_fwd", [&] {
+        const scalar_t* xp = const_data<scalar_t>(x);
+        scalar_t* yp = data<scalar_t>(y);
         parallel_blocks(n, [&](int64_t b, int64_t e) {
           through_f32(xp + b, static_cast<const scalar_t*>(nullptr), yp + b, e - b, b,
                       [&](const float* a, const float*, float* c, int64_t m, int64_t first) {
@@ -199,48 +192,48 @@ at::Tensor dropout_fwd_cpu(const at::Tensor& x_in, double p, const std::optional
   return y;
 }
 
-at::Tensor dropout_bwd_cpu(const at::Tensor& dy_in, const std::optional<at::Tensor>& y_in, double p,
-                           const std::optional<at::Tensor>& seed, bool relu) {
+Tensor dropout_bwd_cpu(const Tensor& dy_in, const OptionalTensor& y_in, double p,
+                           const OptionalTensor& seed, bool relu) {
   constexpr const char* op = "bertkern::dropout_bwd";
   check_float(dy_in, op, "grad");
   check_p(p, op);
   const double scale = 1.0 / (1.0 - p);
   const float scale_f = static_cast<float>(scale);
-  const at::Tensor dy = dy_in.contiguous();
-  at::Tensor dx = at::empty_like(dy, at::MemoryFormat::Contiguous);
+  const Tensor dy = as_contiguous(dy_in);
+  Tensor dx = empty(dy.sizes(), dy.scalar_type(), dy.device());
   const int64_t n = dy.numel();
   if (relu) {
     // The mask is read off the output: y > 0 exactly where x > 0 and the element was kept.
-    TORCH_CHECK_VALUE(y_in.has_value() && y_in->defined(), op, ": y (the forward output) is required when relu");
-    const at::Tensor& y_ref = *y_in;
+    BERTKERN_CHECK_VALUE(y_in.has_value() && y_in->defined(), op, ": y (the forward output) is required when relu");
+    const Tensor& y_ref = *y_in;
     check_float(y_ref, op, "y");
-    TORCH_CHECK_TYPE(y_ref.scalar_type() == dy.scalar_type(), op, ": y must have grad's dtype ", dy.scalar_type(),
-                     ", got ", y_ref.scalar_type());
-    TORCH_CHECK_VALUE(y_ref.sizes() == dy.sizes(), op, ": y must have grad's shape ", dy.sizes(), ", got ",
-                      y_ref.sizes());
-    const at::Tensor y = y_ref.contiguous();
+    BERTKERN_CHECK_TYPE(y_ref.scalar_type() == dy.scalar_type(), op, ": y must have grad's dtype ", dy.scalar_type(),
+                        ", got ", y_ref.scalar_type());
+    BERTKERN_CHECK_VALUE(same_shape(y_ref, dy), op, ": y must have grad's shape ", dy.sizes(), ", got ",
+                         y_ref.sizes());
+    const Tensor y = as_contiguous(y_ref);
     switch (dy.scalar_type()) {
-      case at::kFloat: {
-        const float* g = dy.data_ptr<float>();
-        const float* yp = y.data_ptr<float>();
-        float* d = dx.data_ptr<float>();
+      case kFloat: {
+        const float* g = const_data<float>(dy);
+        const float* yp = const_data<float>(y);
+        float* d = data<float>(dx);
         parallel_blocks(n, [&](int64_t b, int64_t e) { relu_dropout_bwd_f32(g + b, yp + b, d + b, e - b, scale_f); });
         break;
       }
-      case at::kDouble: {
-        const double* g = dy.data_ptr<double>();
-        const double* yp = y.data_ptr<double>();
-        double* d = dx.data_ptr<double>();
+      case kDouble: {
+        const double* g = const_data<double>(dy);
+        const double* yp = const_data<double>(y);
+        double* d = data<double>(dx);
         parallel_blocks(n, [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) d[i] = yp[i] > 0.0 ? g[i] * scale : 0.0;
         });
         break;
       }
       default:
-        AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "relu_dropout_bwd", [&] {
-          const scalar_t* g = dy.data_ptr<scalar_t>();
-          const scalar_t* yp = y.data_ptr<scalar_t>();
-          scalar_t* d = dx.data_ptr<scalar_t>();
+        BERTKERN_DISPATCH_REDUCED_FLOATS(dy.scalar_type(), "relu_dropout_bwd", [&] {
+          const scalar_t* g = const_data<scalar_t>(dy);
+          const scalar_t* yp = const_data<scalar_t>(y);
+          scalar_t* d = data<scalar_t>(dx);
           parallel_blocks(n, [&](int64_t b, int64_t e) {
             through_f32(g + b, yp + b, d + b, e - b, b,
                         [&](const float* ga, const float* ya, float* c, int64_t m, int64_t) {
@@ -253,22 +246,22 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& dy_in, const std::optional<at::Tens
   }
   const Rng rng = make_rng(p, seed, op);
   switch (dy.scalar_type()) {
-    case at::kFloat: {
-      const float* g = dy.data_ptr<float>();
-      float* d = dx.data_ptr<float>();
+    case kFloat: {
+      const float* g = const_data<float>(dy);
+      float* d = data<float>(dx);
       parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_bwd_f32(g + b, d + b, e - b, b, rng, scale_f); });
       break;
     }
-    case at::kDouble: {
-      const double* g = dy.data_ptr<double>();
-      double* d = dx.data_ptr<double>();
+    case kDouble: {
+      const double* g = const_data<double>(dy);
+      double* d = data<double>(dx);
       parallel_blocks(n, [&](int64_t b, int64_t e) { dropout_bwd_f64(g + b, d + b, e - b, b, rng, scale); });
       break;
     }
     default:
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "dropout_bwd", [&] {
-        const scalar_t* g = dy.data_ptr<scalar_t>();
-        scalar_t* d = dx.data_ptr<scalar_t>();
+      BERTKERN_DISPATCH_REDUCED_FLOATS(dy.scalar_type(), "dropout_bwd", [&] {
+        const scalar_t* g = const_data<scalar_t>(dy);
+        scalar_t* d = data<scalar_t>(dx);
         parallel_blocks(n, [&](int64_t b, int64_t e) {
           through_f32(g + b, static_cast<const scalar_t*>(nullptr), d + b, e - b, b,
                       [&](const float* a, const float*, float* c, int64_t m, int64_t first) {
@@ -282,9 +275,9 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& dy_in, const std::optional<at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
-  m.impl("dropout_fwd", &dropout_fwd_cpu);
-  m.impl("dropout_bwd", &dropout_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
+  m.impl("dropout_fwd", TORCH_BOX(&dropout_fwd_cpu));
+  m.impl("dropout_bwd", TORCH_BOX(&dropout_bwd_cpu));
 }
 
 }  // namespace bertkern

@@ -3,16 +3,17 @@
 // Forward and backward for float32, float16, bfloat16 and float64 (float64 for gradcheck).
 //
 // Work layout: rows are independent, so both directions parallelize over rows with
-// at::parallel_for. The row math always runs on float32 rows (double for float64): float32
-// tensors are used in place, float16 / bfloat16 rows are converted into a per-thread float32
-// scratch row and the results converted back, so one set of float kernels serves three dtypes.
+// bertkern::parallel_for (libtorch's intra-op pool). The row math always runs on float32 rows
+// (double for float64): float32 tensors are used in place, float16 / bfloat16 rows are converted
+// into a per-thread float32 scratch row and the results converted back, so one set of float
+// kernels serves three dtypes.
 //
 // Vectorization: the extension is compiled without -mavx2 (it must load on any x86-64), which
-// would leave at::vec at SSE2. Instead the float row kernels are plain loops that GCC
-// auto-vectorizes, compiled three times with target_clones (AVX-512, AVX2 + FMA, baseline) and
-// picked once at load time by an ifunc resolver. The few kernels GCC cannot express (float16
-// conversion: convert.h; non-temporal stores: below) are intrinsics in per-ISA functions chosen
-// at run time (cpu_features.h).
+// would leave portable vector code (such as ATen's at::vec) at SSE2. Instead the float row
+// kernels are plain loops that GCC auto-vectorizes, compiled three times with target_clones
+// (AVX-512, AVX2 + FMA, baseline) and picked once at load time by an ifunc resolver. The few
+// kernels GCC cannot express (float16 conversion: convert.h; non-temporal stores: below) are
+// intrinsics in per-ISA functions chosen at run time (cpu_features.h).
 //
 // Memory: in the forward, x (+ residual) is read from memory once; the statistics passes and
 // the normalization pass then run on the row in L1. Rows are prefetched ahead, and outputs much
@@ -24,15 +25,6 @@
 // Determinism: dweight / dbias are reduced over rows in a fixed number of row chunks that
 // depends only on the number of rows, each into its own partial row, then summed in chunk
 // order: bitwise identical results whatever the number of threads, and no atomics.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <c10/util/Optional.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -47,6 +39,7 @@
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_features.h"
 #include "layer_norm_common.h"
+#include "torch_api.h"
 
 
 namespace bertkern {
@@ -549,7 +542,7 @@ void layer_norm_fwd_rows(const FwdArgs& a) {
     if (stream && bias == nullptr) zeros.assign(static_cast<size_t>(n), 0.f);
     const float* weight_s = weight != nullptr ? weight : ones.data();
     const float* bias_s = bias != nullptr ? bias : zeros.data();
-    at::parallel_for(0, a.rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    parallel_for(0, a.rows, row_grain(n), [&](int64_t begin, int64_t end) {
       // z goes to a scratch row that stays in cache, or straight to residual_out when it is
       // stored with ordinary stores.
       const bool z_in_scratch = residual != nullptr && (residual_out == nullptr || stream);
@@ -575,7 +568,7 @@ void layer_norm_fwd_rows(const FwdArgs& a) {
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     auto* mean = static_cast<double*>(a.mean);
     auto* rstd = static_cast<double*>(a.rstd);
-    at::parallel_for(0, a.rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    parallel_for(0, a.rows, row_grain(n), [&](int64_t begin, int64_t end) {
       std::vector<double> scratch(residual != nullptr && residual_out == nullptr ? n : 0);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t off = r * n;
@@ -594,7 +587,7 @@ void layer_norm_fwd_rows(const FwdArgs& a) {
     const std::vector<float> bias_f = bias ? vector_to_float(bias, n) : std::vector<float>();
     const float* wf = weight ? weight_f.data() : nullptr;
     const float* bf = bias ? bias_f.data() : nullptr;
-    at::parallel_for(0, a.rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    parallel_for(0, a.rows, row_grain(n), [&](int64_t begin, int64_t end) {
       std::vector<float> zf(n), tmp(n);
       std::vector<scalar_t> zlow(residual != nullptr && residual_out == nullptr ? n : 0);
       for (int64_t r = begin; r < end; ++r) {
@@ -728,13 +721,13 @@ void layer_norm_bwd_rows(const BwdArgs& a) {
   };
 
   if (!want_dw && !want_db) {
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       run_rows(begin, end, nullptr, nullptr);
     });
     return;
   }
 
-  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+  parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
     for (int64_t c = cbegin; c < cend; ++c) {
       const int64_t begin = std::min(rows, c * rows_per_chunk);
       const int64_t end = std::min(rows, begin + rows_per_chunk);
@@ -746,7 +739,7 @@ void layer_norm_bwd_rows(const BwdArgs& a) {
   // Sum the partials in chunk order; columns are independent, so parallelize over them.
   auto reduce = [&](const acc_t* part, void* out_ptr) {
     auto* out = static_cast<scalar_t*>(out_ptr);
-    at::parallel_for(0, n, kGrainElements / 4, [&](int64_t begin, int64_t end) {
+    parallel_for(0, n, kGrainElements / 4, [&](int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<acc_t, float>) {
         std::vector<float> acc(std::is_same_v<scalar_t, float> ? 0 : n);
         float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out) : acc.data();
@@ -771,71 +764,68 @@ void layer_norm_bwd_rows(const BwdArgs& a) {
 // Operators.
 // ---------------------------------------------------------------------------------------------
 
-const void* data_or_null(const c10::optional<at::Tensor>& t) {
+const void* data_or_null(const OptionalTensor& t) {
   return t.has_value() ? t->const_data_ptr() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
-    const at::Tensor& x_in, const c10::optional<at::Tensor>& residual_in,
-    const c10::optional<at::Tensor>& weight_in, const c10::optional<at::Tensor>& bias_in,
-    double eps, bool store_residual) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_cpu(
+    const Tensor& x_in, const OptionalTensor& residual_in, const OptionalTensor& weight_in,
+    const OptionalTensor& bias_in, double eps, bool store_residual) {
   check_layer_norm_fwd(x_in, residual_in, weight_in, bias_in, eps);
-  const at::Tensor x = x_in.contiguous();
-  const auto contig = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
-    return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
-  };
-  const c10::optional<at::Tensor> residual = contig(residual_in);
-  const c10::optional<at::Tensor> weight = contig(weight_in);
-  const c10::optional<at::Tensor> bias = contig(bias_in);
+  const Tensor x = as_contiguous(x_in);
+  const OptionalTensor residual = as_contiguous(residual_in);
+  const OptionalTensor weight = as_contiguous(weight_in);
+  const OptionalTensor bias = as_contiguous(bias_in);
 
   const int64_t n = x.size(-1);
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
   const bool keep_z = residual.has_value() && store_residual;
 
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor residual_out =
-      keep_z ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  const auto stat_options = x.options().dtype(stat_dtype(x.scalar_type()));
-  at::Tensor mean = at::empty(row_shape(x), stat_options);
-  at::Tensor rstd = at::empty(row_shape(x), stat_options);
+  const ScalarType dtype = x.scalar_type();
+  const Device device = x.device();
+  Tensor y = empty(x.sizes(), dtype, device);
+  Tensor residual_out = keep_z ? empty(x.sizes(), dtype, device) : empty({0}, dtype, device);
+  const ScalarType stats = stat_dtype(dtype);
+  Tensor mean = empty(row_shape(x), stats, device);
+  Tensor rstd = empty(row_shape(x), stats, device);
 
   FwdArgs args{x.const_data_ptr(),
                data_or_null(residual),
                data_or_null(weight),
                data_or_null(bias),
-               y.data_ptr(),
-               keep_z ? residual_out.data_ptr() : nullptr,
-               mean.data_ptr(),
-               rstd.data_ptr(),
+               y.mutable_data_ptr(),
+               keep_z ? residual_out.mutable_data_ptr() : nullptr,
+               mean.mutable_data_ptr(),
+               rstd.mutable_data_ptr(),
                rows,
                n,
                eps};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu",
-                                  [&] { layer_norm_fwd_rows<scalar_t>(args); });
+  BERTKERN_DISPATCH_FLOATS(dtype, "layer_norm_fwd_cpu",
+                           [&] { layer_norm_fwd_rows<scalar_t>(args); });
   return {y, residual_out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
-    const at::Tensor& dy_in, const c10::optional<at::Tensor>& dresidual_out_in,
-    const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
-    const c10::optional<at::Tensor>& weight_in, bool has_bias) {
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
+    const Tensor& dy_in, const OptionalTensor& dresidual_out_in, const Tensor& z_in,
+    const Tensor& mean_in, const Tensor& rstd_in, const OptionalTensor& weight_in, bool has_bias) {
   check_layer_norm_bwd(dy_in, dresidual_out_in, z_in, mean_in, rstd_in, weight_in);
-  const at::Tensor dy = dy_in.contiguous();
-  const at::Tensor z = z_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  const c10::optional<at::Tensor> dresidual_out =
-      dresidual_out_in ? c10::optional<at::Tensor>(dresidual_out_in->contiguous()) : c10::nullopt;
-  const c10::optional<at::Tensor> weight =
-      weight_in ? c10::optional<at::Tensor>(weight_in->contiguous()) : c10::nullopt;
+  const Tensor dy = as_contiguous(dy_in);
+  const Tensor z = as_contiguous(z_in);
+  const Tensor mean = as_contiguous(mean_in);
+  const Tensor rstd = as_contiguous(rstd_in);
+  const OptionalTensor dresidual_out = as_contiguous(dresidual_out_in);
+  const OptionalTensor weight = as_contiguous(weight_in);
 
   const int64_t n = z.size(-1);
   const int64_t rows = mean.numel();
 
-  at::Tensor dz = at::empty(z.sizes(), z.options());
-  at::Tensor dweight = weight ? at::empty({n}, weight->options()) : at::empty({0}, z.options());
-  at::Tensor dbias = has_bias ? at::empty({n}, z.options()) : at::empty({0}, z.options());
+  const ScalarType dtype = z.scalar_type();
+  const Device device = z.device();
+  Tensor dz = empty(z.sizes(), dtype, device);
+  Tensor dweight = weight ? empty({n}, weight->scalar_type(), weight->device())
+                          : empty({0}, dtype, device);
+  Tensor dbias = has_bias ? empty({n}, dtype, device) : empty({0}, dtype, device);
 
   BwdArgs args{dy.const_data_ptr(),
                data_or_null(dresidual_out),
@@ -843,21 +833,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
                mean.const_data_ptr(),
                rstd.const_data_ptr(),
                data_or_null(weight),
-               dz.data_ptr(),
-               weight ? dweight.data_ptr() : nullptr,
-               has_bias ? dbias.data_ptr() : nullptr,
+               dz.mutable_data_ptr(),
+               weight ? dweight.mutable_data_ptr() : nullptr,
+               has_bias ? dbias.mutable_data_ptr() : nullptr,
                rows,
                n};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "layer_norm_bwd_cpu",
-                                  [&] { layer_norm_bwd_rows<scalar_t>(args); });
+  BERTKERN_DISPATCH_FLOATS(dtype, "layer_norm_bwd_cpu",
+                           [&] { layer_norm_bwd_rows<scalar_t>(args); });
   return {dz, dweight, dbias};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
-  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
-  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(bertkern, CPU, m) {
+  m.impl("layer_norm_fwd", TORCH_BOX(&layer_norm_fwd_cpu));
+  m.impl("layer_norm_bwd", TORCH_BOX(&layer_norm_bwd_cpu));
 }
 
 }  // namespace bertkern

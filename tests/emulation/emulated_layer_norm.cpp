@@ -13,15 +13,11 @@
 //   bertkern_emu::_layer_norm_last_plan(bool backward) -> int[]   the plan of the last forward
 //     (backward) call: [registers, vec, iters, threads_x, rows_y, blocks, n_partials, launches]
 //     (all 0: nothing launched).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <c10/util/Optional.h>
-#include <torch/library.h>
-
+//
+// Like bertkern's own extension, it uses libtorch only through csrc/torch_api.h (the stable ABI;
+// loader.py passes TORCH_TARGET_VERSION).
 #include "schemas.h"
+#include "torch_api.h"
 
 #include <cmath>
 #include <mutex>
@@ -34,6 +30,8 @@
 
 namespace {
 
+using bertkern::OptionalTensor;
+using bertkern::Tensor;
 using bertkern::cuda::LayerNormPlan;
 
 emu_plans::GridCap row_block_cap;
@@ -56,106 +54,95 @@ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 
 
 // The storage types the CUDA kernels are instantiated for.
 template <typename F>
-void dispatch_storage_type(at::ScalarType t, const char* op, F&& f) {
+void dispatch_storage_type(bertkern::ScalarType t, const char* op, F&& f) {
   switch (t) {
-    case at::kFloat:
+    case bertkern::kFloat:
       f(float{});
       return;
-    case at::kHalf:
-      f(c10::Half{});
+    case bertkern::kHalf:
+      f(bertkern::Half{});
       return;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
+    case bertkern::kBFloat16:
+      f(bertkern::BFloat16{});
       return;
     default:
-      TORCH_CHECK_TYPE(false, op, ": the CUDA kernels support float32, float16 and bfloat16, got ", t);
+      BERTKERN_CHECK_TYPE(false, op, ": the CUDA kernels support float32, float16 and bfloat16, got ", t);
   }
 }
 
-template <typename T>
-const T* data_or_null(const c10::optional<at::Tensor>& t) {
-  return t ? t->data_ptr<T>() : nullptr;
-}
-
-c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
-  if (!t) return c10::nullopt;
-  return t->contiguous();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
-    const at::Tensor& x_in, const c10::optional<at::Tensor>& residual_in,
-    const c10::optional<at::Tensor>& weight_in, const c10::optional<at::Tensor>& bias_in, double eps,
-    bool store_residual) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(
+    const Tensor& x_in, const OptionalTensor& residual_in, const OptionalTensor& weight_in,
+    const OptionalTensor& bias_in, double eps, bool store_residual) {
   bertkern::check_layer_norm_fwd(x_in, residual_in, weight_in, bias_in, eps);
-  const at::Tensor x = x_in.contiguous();
-  const auto residual = contiguous(residual_in);
-  const auto weight = contiguous(weight_in);
-  const auto bias = contiguous(bias_in);
+  const Tensor x = bertkern::as_contiguous(x_in);
+  const OptionalTensor residual = bertkern::as_contiguous(residual_in);
+  const OptionalTensor weight = bertkern::as_contiguous(weight_in);
+  const OptionalTensor bias = bertkern::as_contiguous(bias_in);
   const int64_t N = x.size(-1);
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
 
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor residual_out =
-      residual && store_residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  const auto stat_options = x.options().dtype(at::kFloat);
-  at::Tensor mean = at::empty(bertkern::row_shape(x), stat_options);
-  at::Tensor rstd = at::empty(bertkern::row_shape(x), stat_options);
+  Tensor y = bertkern::empty(x.sizes(), x.scalar_type(), x.device());
+  Tensor residual_out = residual && store_residual
+                            ? bertkern::empty(x.sizes(), x.scalar_type(), x.device())
+                            : bertkern::empty({0}, x.scalar_type(), x.device());
+  Tensor mean = bertkern::empty(bertkern::row_shape(x), bertkern::kFloat, x.device());
+  Tensor rstd = bertkern::empty(bertkern::row_shape(x), bertkern::kFloat, x.device());
   record_plan(false, nullptr, 0);
   dispatch_storage_type(x.scalar_type(), "layer_norm_fwd", [&](auto tag) {
     using T = decltype(tag);
     if (M == 0) return;
     if (N == 0) {  // empty rows: mean 0, variance 0
-      mean.fill_(0.0);
-      rstd.fill_(1.0 / std::sqrt(eps));  // as layer_norm.cu: in double, stored as float
+      torch::stable::fill_(mean, 0.0);
+      torch::stable::fill_(rstd, 1.0 / std::sqrt(eps));  // as layer_norm.cu: in double, stored as float
       return;
     }
-    const T* r = data_or_null<T>(residual);
-    const T* w = data_or_null<T>(weight);
-    const T* b = data_or_null<T>(bias);
-    T* z = residual && store_residual ? residual_out.data_ptr<T>() : nullptr;
+    const T* r = bertkern::const_data_or_null<T>(residual);
+    const T* w = bertkern::const_data_or_null<T>(weight);
+    const T* b = bertkern::const_data_or_null<T>(bias);
+    T* z = residual && store_residual ? bertkern::data<T>(residual_out) : nullptr;
     const bool all_aligned = aligned16(x.data_ptr()) && aligned16(y.data_ptr()) && aligned16(r) &&
                              aligned16(w) && aligned16(b) && aligned16(z);
     const LayerNormPlan plan =
         bertkern::cuda::layer_norm_fwd_plan(M, N, sizeof(T), all_aligned, max_blocks());
     std::vector<emu_plans::LaunchRecord> launches;
-    bertkern::cuda::layer_norm_fwd_launch<T>(emu_plans::EmuLauncher{&launches}, plan, x.data_ptr<T>(),
-                                             r, w, b, y.data_ptr<T>(), z, mean.data_ptr<float>(),
-                                             rstd.data_ptr<float>(), M, N, static_cast<float>(eps));
+    bertkern::cuda::layer_norm_fwd_launch<T>(
+        emu_plans::EmuLauncher{&launches}, plan, bertkern::const_data<T>(x), r, w, b,
+        bertkern::data<T>(y), z, bertkern::data<float>(mean), bertkern::data<float>(rstd), M, N,
+        static_cast<float>(eps));
     record_plan(false, &plan, launches.size());
   });
   return {y, residual_out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
-    const at::Tensor& dy_in, const c10::optional<at::Tensor>& dresidual_out_in,
-    const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
-    const c10::optional<at::Tensor>& weight_in, bool has_bias) {
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(
+    const Tensor& dy_in, const OptionalTensor& dresidual_out_in, const Tensor& z_in,
+    const Tensor& mean_in, const Tensor& rstd_in, const OptionalTensor& weight_in, bool has_bias) {
   bertkern::check_layer_norm_bwd(dy_in, dresidual_out_in, z_in, mean_in, rstd_in, weight_in);
-  const at::Tensor z = z_in.contiguous();
-  const at::Tensor dy = dy_in.contiguous();
-  const auto dresidual_out = contiguous(dresidual_out_in);
-  const auto weight = contiguous(weight_in);
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
+  const Tensor z = bertkern::as_contiguous(z_in);
+  const Tensor dy = bertkern::as_contiguous(dy_in);
+  const OptionalTensor dresidual_out = bertkern::as_contiguous(dresidual_out_in);
+  const OptionalTensor weight = bertkern::as_contiguous(weight_in);
+  const Tensor mean = bertkern::as_contiguous(mean_in);
+  const Tensor rstd = bertkern::as_contiguous(rstd_in);
   const int64_t N = z.size(-1);
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < z.dim(); ++d) M *= z.size(d);
 
-  at::Tensor dz = at::empty(z.sizes(), z.options());
-  at::Tensor dweight = at::empty({weight ? N : 0}, z.options());
-  at::Tensor dbias = at::empty({has_bias ? N : 0}, z.options());
+  Tensor dz = bertkern::empty(z.sizes(), z.scalar_type(), z.device());
+  Tensor dweight = bertkern::empty({weight ? N : 0}, z.scalar_type(), z.device());
+  Tensor dbias = bertkern::empty({has_bias ? N : 0}, z.scalar_type(), z.device());
   record_plan(true, nullptr, 0);
   dispatch_storage_type(z.scalar_type(), "layer_norm_bwd", [&](auto tag) {
     using T = decltype(tag);
     if (M == 0) {  // sums over no rows
-      dweight.zero_();
-      dbias.zero_();
+      torch::stable::zero_(dweight);
+      torch::stable::zero_(dbias);
       return;
     }
     if (N == 0) return;
-    const T* w = data_or_null<T>(weight);
-    const T* dr = data_or_null<T>(dresidual_out);
+    const T* w = bertkern::const_data_or_null<T>(weight);
+    const T* dr = bertkern::const_data_or_null<T>(dresidual_out);
     const bool all_aligned = aligned16(dy.data_ptr()) && aligned16(z.data_ptr()) &&
                              aligned16(dz.data_ptr()) && aligned16(w) && aligned16(dr);
     const LayerNormPlan plan = bertkern::cuda::layer_norm_bwd_plan(
@@ -165,16 +152,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     std::vector<emu_plans::LaunchRecord> launches;
     bertkern::cuda::layer_norm_bwd_launch<T>(
         emu_plans::EmuLauncher{&launches}, plan, plan.workspace_floats ? workspace.data() : nullptr,
-        dy.data_ptr<T>(), dr, z.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), w,
-        dz.data_ptr<T>(), weight ? dweight.data_ptr<T>() : nullptr,
-        has_bias ? dbias.data_ptr<T>() : nullptr, M, N);
+        bertkern::const_data<T>(dy), dr, bertkern::const_data<T>(z),
+        bertkern::const_data<float>(mean), bertkern::const_data<float>(rstd), w,
+        bertkern::data<T>(dz), weight ? bertkern::data<T>(dweight) : nullptr,
+        has_bias ? bertkern::data<T>(dbias) : nullptr, M, N);
     record_plan(true, &plan, launches.size());
   });
   return {dz, dweight, dbias};
 }
 
 int64_t set_row_block_cap(int64_t cap) {
-  TORCH_CHECK_VALUE(cap >= 0, "_set_row_block_cap: cap must be >= 0, got ", cap);
+  BERTKERN_CHECK_VALUE(cap >= 0, "_set_row_block_cap: cap must be >= 0, got ", cap);
   return row_block_cap.exchange(cap);
 }
 
@@ -185,14 +173,21 @@ std::vector<int64_t> layer_norm_last_plan(bool backward) {
 
 }  // namespace
 
-TORCH_LIBRARY(bertkern_emu, m) {
+STABLE_TORCH_LIBRARY(bertkern_emu, m) {
   m.def(bertkern::schema::kLayerNormFwd);  // csrc/schemas.h: the bertkern operators' own schemas
   m.def(bertkern::schema::kLayerNormBwd);
-  m.def("_set_row_block_cap(int cap) -> int", &set_row_block_cap);
-  m.def("_layer_norm_last_plan(bool backward) -> int[]", &layer_norm_last_plan);
+  m.def("_set_row_block_cap(int cap) -> int");
+  m.def("_layer_norm_last_plan(bool backward) -> int[]");
 }
 
-TORCH_LIBRARY_IMPL(bertkern_emu, CPU, m) {
-  m.impl("layer_norm_fwd", &layer_norm_fwd);
-  m.impl("layer_norm_bwd", &layer_norm_bwd);
+STABLE_TORCH_LIBRARY_IMPL(bertkern_emu, CPU, m) {
+  m.impl("layer_norm_fwd", TORCH_BOX(&layer_norm_fwd));
+  m.impl("layer_norm_bwd", TORCH_BOX(&layer_norm_bwd));
+}
+
+// The hooks take no tensor, so no backend key selects a kernel: CompositeExplicitAutograd
+// serves every call (as the catch-all kernel that m.def(schema, fn) registered did).
+STABLE_TORCH_LIBRARY_IMPL(bertkern_emu, CompositeExplicitAutograd, m) {
+  m.impl("_set_row_block_cap", TORCH_BOX(&set_row_block_cap));
+  m.impl("_layer_norm_last_plan", TORCH_BOX(&layer_norm_last_plan));
 }

@@ -14,12 +14,11 @@
 //   bertkern_emu::_padding_last_row_copy() -> int[]   [unit_bytes, VEC, threads_x, rows_y,
 //     blocks] of the last gather_rows row copy / scatter_rows pad_rows launch ([0, 0, 0, 0, 0]:
 //     it launched none), so tests can see which copy path ran.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
-
+//
+// Like bertkern's own extension, it uses libtorch only through csrc/torch_api.h (the stable ABI;
+// loader.py passes TORCH_TARGET_VERSION).
 #include "schemas.h"
+#include "torch_api.h"
 
 #include <cstring>
 #include <mutex>
@@ -32,6 +31,7 @@
 
 namespace {
 
+using bertkern::Tensor;
 using bertkern::cuda::RowCopyInfo;
 
 emu_plans::GridCap block_cap;
@@ -54,89 +54,98 @@ auto run_emulated(const char* op, F&& f) {
   try {
     return f();
   } catch (const emu::DeviceCheckError& e) {
-    TORCH_CHECK_INDEX(false, op, ": ", e.what());
+    BERTKERN_CHECK_INDEX(false, op, ": ", e.what());
   } catch (const emu_plans::MisalignedAddress& e) {
-    TORCH_CHECK(false, op, ": CUDA error: ", e.what());
+    BERTKERN_CHECK(false, op, ": CUDA error: ", e.what());
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, c10::SymInt> mask_to_indices(const at::Tensor& mask_in) {
+// max_seqlen: the schema's SymInt output, returned as an int (as padding.cu does).
+std::tuple<Tensor, Tensor, int64_t> mask_to_indices(const Tensor& mask_in) {
   bertkern::check_key_padding_mask(mask_in);
-  const at::Tensor mask = mask_in.contiguous();
+  const Tensor mask = bertkern::as_contiguous(mask_in);
   const int64_t B = mask.size(0), S = mask.size(1);
-  at::Tensor cu_seqlens = at::empty({B + 1}, mask.options().dtype(at::kInt));
-  const bool* m = mask.data_ptr<bool>();
+  Tensor cu_seqlens = bertkern::empty({B + 1}, bertkern::kInt, mask.device());
+  const bool* m = bertkern::const_data<bool>(mask);
   const int64_t cap = max_blocks();
   int64_t stats[2] = {0, 0};  // T, max seqlen
   if (B == 0) {  // padding.cu: cu_seqlens.zero_(), no launch
-    cu_seqlens.zero_();
+    torch::stable::zero_(cu_seqlens);
   } else {
-    at::Tensor seqlens = at::empty({B}, mask.options().dtype(at::kInt));
+    Tensor seqlens = bertkern::empty({B}, bertkern::kInt, mask.device());
     run_emulated("mask_to_indices", [&] {
-      bertkern::cuda::mask_lengths_launch(emu_plans::EmuLauncher{}, m, seqlens.data_ptr<int32_t>(),
-                                          cu_seqlens.data_ptr<int32_t>(), stats, B, S, cap);
+      bertkern::cuda::mask_lengths_launch(emu_plans::EmuLauncher{}, m,
+                                          bertkern::data<int32_t>(seqlens),
+                                          bertkern::data<int32_t>(cu_seqlens), stats, B, S, cap);
       return 0;
     });
   }
-  TORCH_CHECK_VALUE(stats[0] <= INT32_MAX, "key_padding_mask: ", stats[0],
-                    " real tokens, more than 2^31 - 1; cu_seqlens is int32");
-  at::Tensor indices = at::empty({stats[0]}, mask.options().dtype(at::kLong));
+  BERTKERN_CHECK_VALUE(stats[0] <= INT32_MAX, "key_padding_mask: ", stats[0],
+                       " real tokens, more than 2^31 - 1; cu_seqlens is int32");
+  Tensor indices = bertkern::empty({stats[0]}, bertkern::kLong, mask.device());
   if (stats[0] > 0) {
     run_emulated("mask_to_indices", [&] {
-      bertkern::cuda::mask_indices_launch(emu_plans::EmuLauncher{}, m, cu_seqlens.data_ptr<int32_t>(),
-                                          indices.data_ptr<int64_t>(), B, S, cap);
+      bertkern::cuda::mask_indices_launch(emu_plans::EmuLauncher{}, m,
+                                          bertkern::const_data<int32_t>(cu_seqlens),
+                                          bertkern::data<int64_t>(indices), B, S, cap);
       return 0;
     });
   }
-  return {indices, cu_seqlens, c10::SymInt(stats[1])};
+  return {indices, cu_seqlens, stats[1]};
 }
 
-int64_t row_bytes_of(const at::Tensor& x) {
+int64_t row_bytes_of(const Tensor& x) {
   int64_t elems = 1;
   for (int64_t d = 1; d < x.dim(); ++d) elems *= x.size(d);
   return elems * static_cast<int64_t>(x.element_size());
 }
 
-at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& indices_in) {
+Tensor gather_rows(const Tensor& x_in, const Tensor& indices_in) {
   bertkern::check_rows_args(x_in, indices_in, "gather_rows", "x");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor indices = indices_in.contiguous();
-  auto shape = x.sizes().vec();
+  const Tensor x = bertkern::as_contiguous(x_in);
+  const Tensor indices = bertkern::as_contiguous(indices_in);
+  std::vector<int64_t> shape = bertkern::shape(x);
   shape[0] = indices.numel();
-  at::Tensor out = at::empty(shape, x.options());
+  Tensor out = bertkern::empty(shape, x.scalar_type(), x.device());
   const auto info = run_emulated("gather_rows", [&] {
-    return bertkern::cuda::gather_rows_launch(emu_plans::EmuLauncher{}, x.data_ptr(),
-                                              indices.data_ptr<int64_t>(), out.data_ptr(),
-                                              indices.numel(), x.size(0), row_bytes_of(x), max_blocks());
+    return bertkern::cuda::gather_rows_launch(emu_plans::EmuLauncher{}, x.const_data_ptr(),
+                                              bertkern::const_data<int64_t>(indices),
+                                              out.mutable_data_ptr(), indices.numel(), x.size(0),
+                                              row_bytes_of(x), max_blocks());
   });
   record_copy(info);
   return out;
 }
 
-at::Tensor scatter_rows(const at::Tensor& x_in, const at::Tensor& indices_in, int64_t n_rows) {
+Tensor scatter_rows(const Tensor& x_in, const Tensor& indices_in, int64_t n_rows) {
   bertkern::check_rows_args(x_in, indices_in, "scatter_rows", "x_packed");
   bertkern::check_scatter_rows(x_in, indices_in, n_rows);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor indices = indices_in.contiguous();
-  auto shape = x.sizes().vec();
+  const Tensor x = bertkern::as_contiguous(x_in);
+  const Tensor indices = bertkern::as_contiguous(indices_in);
+  std::vector<int64_t> shape = bertkern::shape(x);
   shape[0] = n_rows;
   // As padding.cu: no zero-fill (the fill below is garbage the kernels must overwrite).
-  at::Tensor out = at::empty(shape, x.options());
-  if (out.numel() > 0) std::memset(out.data_ptr(), 0xA5, out.nbytes());
+  Tensor out = bertkern::empty(shape, x.scalar_type(), x.device());
+  if (out.numel() > 0) {
+    std::memset(out.mutable_data_ptr(), 0xA5,
+                static_cast<size_t>(out.numel()) * out.element_size());
+  }
   const int64_t row_bytes = row_bytes_of(x);
-  at::Tensor inverse = at::empty({row_bytes > 0 ? n_rows : 0}, indices.options());
+  Tensor inverse =
+      bertkern::empty({row_bytes > 0 ? n_rows : 0}, indices.scalar_type(), indices.device());
   const auto info = run_emulated("scatter_rows", [&] {
-    return bertkern::cuda::scatter_rows_launch(emu_plans::EmuLauncher{}, x.data_ptr(),
-                                               indices.data_ptr<int64_t>(), out.data_ptr(),
-                                               inverse.data_ptr<int64_t>(), indices.numel(), n_rows,
-                                               row_bytes, max_blocks());
+    return bertkern::cuda::scatter_rows_launch(emu_plans::EmuLauncher{}, x.const_data_ptr(),
+                                               bertkern::const_data<int64_t>(indices),
+                                               out.mutable_data_ptr(),
+                                               bertkern::data<int64_t>(inverse), indices.numel(),
+                                               n_rows, row_bytes, max_blocks());
   });
   record_copy(info);
   return out;
 }
 
 int64_t set_padding_block_cap(int64_t cap) {
-  TORCH_CHECK_VALUE(cap >= 0, "_set_padding_block_cap: cap must be >= 0, got ", cap);
+  BERTKERN_CHECK_VALUE(cap >= 0, "_set_padding_block_cap: cap must be >= 0, got ", cap);
   return block_cap.exchange(cap);
 }
 
@@ -147,16 +156,22 @@ std::vector<int64_t> padding_last_row_copy() {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(bertkern_emu, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(bertkern_emu, m) {
   m.def(bertkern::schema::kMaskToIndices);  // csrc/schemas.h
   m.def(bertkern::schema::kGatherRows);
   m.def(bertkern::schema::kScatterRows);
-  m.def("_set_padding_block_cap(int cap) -> int", &set_padding_block_cap);
-  m.def("_padding_last_row_copy() -> int[]", &padding_last_row_copy);
+  m.def("_set_padding_block_cap(int cap) -> int");
+  m.def("_padding_last_row_copy() -> int[]");
 }
 
-TORCH_LIBRARY_IMPL(bertkern_emu, CPU, m) {
-  m.impl("mask_to_indices", &mask_to_indices);
-  m.impl("gather_rows", &gather_rows);
-  m.impl("scatter_rows", &scatter_rows);
+STABLE_TORCH_LIBRARY_IMPL(bertkern_emu, CPU, m) {
+  m.impl("mask_to_indices", TORCH_BOX(&mask_to_indices));
+  m.impl("gather_rows", TORCH_BOX(&gather_rows));
+  m.impl("scatter_rows", TORCH_BOX(&scatter_rows));
+}
+
+// The hooks take no tensor: CompositeExplicitAutograd serves every call (emulated_layer_norm.cpp).
+STABLE_TORCH_LIBRARY_IMPL(bertkern_emu, CompositeExplicitAutograd, m) {
+  m.impl("_set_padding_block_cap", TORCH_BOX(&set_padding_block_cap));
+  m.impl("_padding_last_row_copy", TORCH_BOX(&padding_last_row_copy));
 }

@@ -21,7 +21,10 @@ BUILD_ROOT = os.path.join(HERE, "_build")
 
 # Translation units of the extension. Kernels for more ops: add their launcher .cpp here.
 SOURCES = [os.path.join(HERE, "emulated_layer_norm.cpp"), os.path.join(HERE, "emulated_padding.cpp")]
-EXTRA_CFLAGS = ["-O2", "-std=c++20"]
+# The stable-ABI target, as setup.py builds bertkern._C: the extension, like bertkern's own,
+# reaches libtorch only through csrc/torch_api.h (torch/csrc/stable, torch/headeronly).
+TORCH_TARGET_VERSION = "0x020A000000000000"  # torch 2.10 (setup.py: TORCH_TARGET)
+EXTRA_CFLAGS = ["-O2", "-std=c++20", f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
 INCLUDE_PATHS = [CSRC, HERE]
 EXTENSION_NAME = "bertkern_emu_ops"
 

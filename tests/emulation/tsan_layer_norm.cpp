@@ -1,8 +1,8 @@
 // Standalone run of the LayerNorm kernels of csrc/cuda/layer_norm.cuh, launched by the real
 // launch plans (csrc/cuda/layer_norm_launch.cuh) through the CUDA host emulation, checked
 // against a double-precision reference. No torch library: it links cleanly
-// with -fsanitize=thread (only the header-only c10::Half / c10::BFloat16 come from torch's
-// include dir). tests/test_emulated_layer_norm.py builds and runs it:
+// with -fsanitize=thread (only the header-only c10::Half / c10::BFloat16 of torch/headeronly
+// come from torch's include dir). tests/test_emulated_layer_norm.py builds and runs it:
 //   g++ -std=c++20 -O1 -g -fsanitize=thread -pthread -I<torch include> -Icsrc -Itests/emulation
 //       tests/emulation/tsan_layer_norm.cpp -o tsan_layer_norm
 // Prints one line per case and a summary; exits 1 on any mismatch (and with TSan's exitcode
@@ -16,8 +16,8 @@
 #include <string>
 #include <vector>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>  // the header-only types bertkern's kernels use
+#include <torch/headeronly/util/Half.h>
 
 #include "emu_launcher.h"  // first: cuda_host_emu.h
 #include "tsan_report.h"

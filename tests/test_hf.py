@@ -280,6 +280,27 @@ def test_output_attentions_falls_back(arch, varlen_calls):
     assert_close_on_real(out_fast.last_hidden_state, out_ref.last_hidden_state, mask.bool(), torch.float32, "lhs")
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_position_ids_restarting_in_a_row_fall_back(arch, varlen_calls):
+    # No attention mask and position ids that restart inside a row: transformers >= 5.25 reads
+    # them as sequences packed into the row, older versions as plain positions. The optimized
+    # model runs transformers' own forward there, so it gives what the installed version gives.
+    ref = make_model(arch)
+    fast = bertkern.hf.optimize(copy.deepcopy(ref))
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    ids = token_ids(ref.config, mask)
+    half = SEQ // 2
+    position_ids = torch.cat([torch.arange(half), torch.arange(SEQ - half)]).expand(BATCH, SEQ) + 2
+    with torch.no_grad():
+        out_fast = fast(input_ids=ids, position_ids=position_ids)
+        out_ref = ref(input_ids=ids, position_ids=position_ids)
+    assert len(varlen_calls) == 0
+    assert torch.equal(out_fast.last_hidden_state, out_ref.last_hidden_state)
+    with torch.no_grad():  # increasing position ids: one sequence per row, fused
+        out_fast = fast(input_ids=ids, position_ids=torch.arange(SEQ).expand(BATCH, SEQ) + 2)
+    assert len(varlen_calls) == ref.config.num_hidden_layers
+
+
 def test_hook_on_layer_falls_back(varlen_calls):
     ref = make_model("bert")
     fast = bertkern.hf.optimize(copy.deepcopy(ref))

@@ -141,10 +141,21 @@ class _FastForward:
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, *args, **kwargs):
         model = self.model
-        if args or not _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs, self.exact_padding):
+        if args or not _fast_path_ok(model, input_ids, attention_mask, inputs_embeds, kwargs, self.exact_padding) \
+                or _packs_rows(attention_mask, position_ids, input_ids if input_ids is not None else inputs_embeds):
             return type(model).forward(model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                        *args, **kwargs)
         return _packed_forward(model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs)
+
+
+def _packs_rows(attention_mask, position_ids, ref) -> bool:
+    """Position ids that restart inside a row with no attention mask: transformers 5.25 and
+    later read them as sequences packed into the row (attention within each), older versions
+    as plain positions. Its own forward gives whichever the installed version does."""
+    if attention_mask is not None or position_ids is None or not isinstance(position_ids, torch.Tensor) \
+            or position_ids.dim() != 2 or ref.dim() < 2:
+        return False
+    return Packing.from_position_ids(position_ids.expand(*ref.shape[:2])) is not None
 
 
 def _user_hooks(m: nn.Module) -> bool:

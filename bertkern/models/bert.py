@@ -286,6 +286,8 @@ class BertModel(nn.Module):
             token_type_ids: (B, S) segment ids; None = all 0.
             position_ids: (B, S) absolute positions; None = 0 .. S-1 in every row, as HF does
                 (so with left padding the first real token is not at position 0, as in HF).
+                With no attention_mask, a position that is not the previous + 1 starts a new
+                sequence packed into the same row, attended separately (transformers >= 5.25).
             output_hidden_states: also return the embedding output and every layer's output.
             return_dict: False returns ``to_tuple()``.
             ``head_mask``, ``output_attentions=True`` and decoder arguments
@@ -314,18 +316,30 @@ class BertModel(nn.Module):
         batch, seqlen = ref.shape[:2]
         hidden_size = self.config.hidden_size
         device = ref.device
+        # No attention_mask but position ids that restart inside a row: sequences packed into the
+        # rows (transformers' padding-free layout), attention within each (Packing.from_position_ids).
+        packed_rows = None
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
+        elif attention_mask is None:
+            packed_rows = Packing.from_position_ids(position_ids)
 
         layers = [] if output_hidden_states else None
         if pure_torch():
             if output_hidden_states:
                 raise ValueError("BertModel: output_hidden_states is not exported; export last_hidden_state")
+            if packed_rows is not None:
+                raise ValueError("BertModel: sequences packed into rows (position_ids restarting with no "
+                                 "attention_mask) are not exported; export with an attention_mask")
             hidden = self._forward_padded(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         else:
             # Padding removed once (with no attention_mask, pack / unpack are reshapes).
-            packing = (Packing.full(batch, seqlen, device) if attention_mask is None
-                       else Packing.from_mask(key_padding_mask_from_attention_mask(attention_mask)))
+            if packed_rows is not None:
+                packing = packed_rows
+            elif attention_mask is None:
+                packing = Packing.full(batch, seqlen, device)
+            else:
+                packing = Packing.from_mask(key_padding_mask_from_attention_mask(attention_mask))
             real = packing.pack
             x = self.embeddings(None if input_ids is None else real(input_ids), real(position_ids),
                                 None if token_type_ids is None else real(token_type_ids),

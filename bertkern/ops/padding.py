@@ -60,7 +60,8 @@ def _unpack(x_packed, indices, padded_shape):
 @dataclasses.dataclass(frozen=True)
 class Packing:
     """Where the real tokens of a padded batch are: built once per batch (:meth:`from_mask`;
-    :meth:`full` for no padding; :meth:`from_cu_seqlens` for tokens packed already), then
+    :meth:`full` for no padding; :meth:`from_cu_seqlens` for tokens packed already;
+    :meth:`from_position_ids` for sequences packed into rows), then
     ``pack`` every padded tensor of the batch (activations, ids, q / k / v) and ``unpack`` each
     packed result. ``batch_first=False``: padded tensors are torch's seq-first (S, B, *F), the
     packed order is the same and nothing is transposed.
@@ -96,6 +97,23 @@ class Packing:
         if not batch_first:
             indices = torch.arange(batch * seqlen, device=device).view(seqlen, batch).t().reshape(-1)
         return cls(indices, cu_seqlens, seqlen, batch, seqlen, batch_first)
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor) -> "Packing | None":
+        """Sequences packed into the rows of a batch with no padding, told apart by their
+        ``position_ids`` (B, S) as transformers (>= 5.25) reads them when no attention mask is
+        given: a position that is not the previous one + 1 starts a new sequence. Every token is
+        real (pack / unpack are reshapes); ``cu_seqlens`` has one entry per sequence + 1, so
+        attention stays within each sequence. None when every row holds one sequence."""
+        batch, seqlen = position_ids.shape
+        starts = torch.ones(batch, seqlen, dtype=torch.bool, device=position_ids.device)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        if seqlen == 0 or bool(starts.sum() == batch):
+            return None
+        begin = torch.nonzero(starts.reshape(-1)).reshape(-1)
+        cu_seqlens = torch.cat([begin, begin.new_full((1,), batch * seqlen)]).to(torch.int32)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return cls(None, cu_seqlens, max_seqlen, batch, seqlen, True)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int, total: int,

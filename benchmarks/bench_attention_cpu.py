@@ -13,9 +13,12 @@ forward+backward, for three implementations:
 
 extra_info: real_tokens, padding_fraction, flops of the real tokens only (4 H D per query-key
 pair in the forward, 3.5x that for forward+backward; pairs j <= i only when causal), tflops,
-tokens_per_s, and in the bertkern rows speedup_vs_sdpa_mask / speedup_vs_sdpa_loop (baseline
-time over bertkern time, the three timed interleaved in the same test, so machine noise hits
-them alike). CUDA cases also record peak_memory_bytes; they skip cleanly without a GPU, and
+tokens_per_s, every row's own interleaved rounds (median_s, iqr_s, min_s, rounds,
+round_seconds; all implementations of a case timed in 9 interleaved rounds at its first row, so
+machine noise hits them alike), and in the bertkern rows speedup_vs_sdpa_mask /
+speedup_vs_sdpa_loop (baseline median over bertkern median) with their _ci95 intervals (paired
+bootstrap over the rounds). Cases: with and without dropout (p = 0.1, BERT's training setting),
+each forward-only and forward+backward. CUDA cases also record peak_memory_bytes; they skip cleanly without a GPU, and
 no device is queried at import time.
 """
 import timeit
@@ -24,7 +27,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _timing import interleaved_min  # benchmarks/_timing.py (pytest puts benchmarks/ on sys.path)
+from _timing import interleaved_rounds, ratio_info, summary  # benchmarks/_timing.py (on sys.path)
+from bertkern.bench.stats import median
+
+ROUNDS = 9  # interleaved rounds per case (all implementations)
+_RESULTS = {}  # case key -> {impl: [seconds per round]}, timed at the case's first row
 
 # (batch, seqlen, heads, head_dim, dtype, dropout_p, causal); lengths uniform in [S/5, S] with
 # one full-length sequence: ~40% padding. The dropout case is BERT's training configuration.
@@ -167,11 +174,19 @@ def test_attention(benchmark, mode, device, batch, seqlen, heads, head_dim, dtyp
                 real_tokens=problem.tokens, padding_fraction=round(problem.padding_fraction, 3),
                 flops=flops)
     disabled = getattr(benchmark, "disabled", False)  # --benchmark-disable: a quick smoke run
-    if impl == "bertkern" and not disabled:
-        names = IMPLS + (CUDA_IMPLS if device == "cuda" else [])
-        times = interleaved_min([problem.timed_fn(name, mode) for name in names])
-        info.update({f"speedup_vs_{name}": times[i] / times[0] for i, name in enumerate(names) if i},
-                    interleaved_seconds=dict(zip(names, times)))
+    names = [n for n in IMPLS + (CUDA_IMPLS if device == "cuda" else [])
+             if n != "bertkern" or _public_attention() is not None]
+    key = (mode, device, batch, seqlen, heads, head_dim, dtype, dropout_p, causal)
+    if not disabled and key not in _RESULTS:
+        samples = interleaved_rounds([problem.timed_fn(name, mode) for name in names], rounds=ROUNDS)
+        _RESULTS[key] = dict(zip(names, samples))
+    if key in _RESULTS:
+        rounds = _RESULTS[key]
+        info.update(summary(rounds[impl]))
+        info["interleaved_seconds"] = {name: median(xs) for name, xs in rounds.items()}
+        if impl == "bertkern":
+            for name in names[1:]:
+                info.update(ratio_info(name, rounds[name], rounds["bertkern"]))
     seconds = stats.stats.median if stats is not None else timeit.timeit(fn, number=1)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -18,8 +18,10 @@ dominate kernels of ~100 us.
   flops            useful FLOPs of one call: 4 * B * H * S^2 * D forward, plus 2.5x that for the
                    backward (FlashAttention's convention; causal halves both)
   tflops           flops / median seconds per call / 1e12
-  speedup_vs_flash sdpa_flash time / this case's time, both timed in this test interleaved
-                   (min of a few rounds each); 1.0 for the flash case
+  speedup_vs_flash sdpa_flash median / this case's median, both timed in this test in 9
+                   interleaved rounds; 1.0 for the flash case; speedup_vs_flash_ci95 its paired
+                   bootstrap interval; median_s, iqr_s, min_s, rounds, round_seconds: this
+                   case's rounds
 """
 import pytest
 import torch
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 import bertkern
 
-from _timing import interleaved_min  # benchmarks/_timing.py (pytest puts benchmarks/ on sys.path)
+from _timing import interleaved_rounds, ratio_info, summary  # benchmarks/_timing.py (on sys.path)
+from bertkern.bench.stats import median
 
 REPS = 10
 # (batch, heads, seqlen, head_dim): BERT-base attention, and the same width with head dim 128.
@@ -104,12 +107,12 @@ def test_attention_gpu(benchmark, impl, mode, shape, dtype, dropout_p):
     fn = _make_fn(impl, mode, *shape, dtype, dropout_p)
     flash = fn if impl == "sdpa_flash" else _make_fn("sdpa_flash", mode, *shape, dtype, dropout_p)
     benchmark(fn)
-    t_flash, t_self = interleaved_min([flash, fn], rounds=5, target_s=0.02)
+    flash_rounds, self_rounds = interleaved_rounds([flash, fn], rounds=9, target_s=0.02)
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-    seconds = (stats.stats.median if stats is not None else t_self) / REPS
+    seconds = (stats.stats.median if stats is not None else median(self_rounds)) / REPS
     flops = attention_flops(batch, heads, seqlen, head_dim, mode)
     benchmark.extra_info.update(
         impl=impl, op=f"attention_{mode}", device="cuda", shape=list(shape), dtype=_dtype_name(dtype),
         dropout_p=dropout_p, flops=flops, tflops=flops / seconds / 1e12, seconds_per_call=seconds,
-        speedup_vs_flash=t_flash / t_self, gpu=torch.cuda.get_device_name(), bertkern_version=bertkern.__version__,
+        **ratio_info("flash", flash_rounds, self_rounds), **summary(self_rounds), gpu=torch.cuda.get_device_name(), bertkern_version=bertkern.__version__,
     )

@@ -25,15 +25,22 @@ Workloads (``workload``): the batch is padded to S; lengths are
   uniform     uniform in [S/8, S]
   long_tail   log-normal around S/4 (a realistic corpus: many short, a few long), one of length S
 
-Each case times all its implementations interleaved in one run (``interleaved_min``), so load
-on the machine hits them alike; every row records real_tokens, padding_fraction,
-tokens_per_s (real tokens), and the bertkern rows ``speedup_vs_<impl>`` against every baseline
-of that run (inference also ``speedup_vs_torch_best``: against the faster of torch's two
-paths) and, on CPU, ``alt_gemm_ratio`` (bertkern_alt_gemm time / bertkern time: > 1 means the
-default GEMM route is the faster one here), ``gemm_only_seconds`` (the layers' GEMMs alone on
-the real tokens, timed in the same interleaved run: a floor for the same fp32 math),
+Each case times all its implementations in interleaved rounds (benchmarks/_timing.py:
+interleaved_rounds; 9 rounds, 7 for CPU train steps), so load on the machine hits them alike;
+every row records real_tokens, padding_fraction, tokens_per_s (real tokens), its own rounds
+(median_s, iqr_s, min_s, rounds, round_seconds), interleaved_seconds (every implementation's
+median), and the bertkern rows ``speedup_vs_<impl>`` (ratio of medians) with
+``speedup_vs_<impl>_ci95`` (paired bootstrap over the rounds, bertkern.bench.stats) against
+every baseline of that run (inference also ``speedup_vs_torch_best`` [+ ``_ci95``]: against
+the torch path with the lower median, named in ``torch_best``) and, on CPU, ``alt_gemm_ratio``
+(bertkern_alt_gemm median / bertkern median: > 1 means the default GEMM route is the faster one
+here), ``gemm_only_seconds`` (median of the layers' GEMMs alone on the real tokens, timed in the
+same interleaved run: a floor for the same fp32 math on bertkern's GEMM route),
 ``gemm_share`` (that floor / bertkern time) and ``speedup_bound_vs_torch_best`` (the faster
-torch path / that floor: the largest speedup any real-tokens-only implementation could show).
+torch path / that floor: the largest speedup an implementation using bertkern's GEMM route on
+the real tokens only could show). Train rows of the main CPU config run with dropout 0 and 0.1
+(``dropout`` in extra_info and the group name): torch's CPU SDPA is fused only without dropout.
+The dropout-0 train cases leave out bertkern_alt_gemm (and so alt_gemm_ratio): the run-time budget.
 CUDA rows synchronize and skip cleanly without a GPU. Every row records ``peak_memory_bytes``: on CUDA
 torch.cuda.max_memory_allocated over one call, on CPU the peak of the tensor memory allocated
 during one call as torch's profiler records it (benchmarks/_timing.py: cpu_peak_bytes).
@@ -45,7 +52,8 @@ import torch
 from torch import nn
 
 import bertkern
-from _timing import cpu_peak_bytes, interleaved_min  # benchmarks/_timing.py
+from _timing import cpu_peak_bytes, interleaved_rounds, ratio_info, summary  # benchmarks/_timing.py
+from bertkern.bench.stats import median
 
 _needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA GPU")
 
@@ -88,8 +96,10 @@ def _case_id(device, d_model, nhead, ffn, layers, batch, seqlen, dtype):
 class _Case:
     """One model config + workload: the modules (same weights) and the inputs."""
 
-    def __init__(self, device, d_model, nhead, ffn, layers, batch, seqlen, dtype, workload, mode, autocast=False):
+    def __init__(self, device, d_model, nhead, ffn, layers, batch, seqlen, dtype, workload, mode, autocast=False,
+                 dropout=0.1):
         self.device, self.mode, self.dtype, self.autocast = device, mode, dtype, autocast
+        self.dropout = dropout if mode == "train" else 0.0  # eval: dropout is off either way
         g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         lengths = _lengths(workload, batch, seqlen, g)
@@ -100,7 +110,7 @@ class _Case:
         self.real_tokens = int(lengths.sum())
         self.padding_fraction = 1.0 - self.real_tokens / (batch * seqlen)
         self.batch, self.seqlen, self.d_model = batch, seqlen, d_model
-        layer = nn.TransformerEncoderLayer(d_model, nhead, ffn, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, ffn, dropout=dropout, batch_first=True)
         self.torch_enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=(mode == "inference"))
         self.torch_enc.to(device=device, dtype=dtype)
         self.bk_enc = bertkern.Encoder.from_torch(self.torch_enc)
@@ -150,7 +160,8 @@ class _Case:
         if self.mode == "inference":
             fns["torch_nested"] = self._encoder_fn(self.torch_enc, fast_path=True)
         if self.device == "cpu":
-            fns["bertkern_alt_gemm"] = _with_alt_gemm(fns["bertkern"])
+            if _with_alt_gemm_row(self.mode, self.dropout):
+                fns["bertkern_alt_gemm"] = _with_alt_gemm(fns["bertkern"])
             fns["gemm_only"] = self._gemm_only_fn()
         return fns
 
@@ -249,44 +260,55 @@ class _BertCase:
         return {"bertkern_bert": self._fn(self.bk), "hf_bert": self._fn(self.hf)}
 
 
-_RESULTS = {}  # (case key) -> {impl: seconds}, shared by the rows of one case
+_RESULTS = {}  # (case key) -> {impl: [seconds per round]}, shared by the rows of one case
+
+
+def _rounds(case):
+    """Interleaved rounds per case: 9 where a call is short (inference, CUDA); 7 for CPU
+    train steps (> 0.5 s each at the main config), the least for which a ratio interval is
+    reported."""
+    return 9 if case.mode == "inference" or case.device == "cuda" else 7
 
 
 def _run_case(benchmark, key, case, impl, headline):
-    """Times every implementation of the case once, interleaved (cached for the case's other
-    rows), then lets pytest-benchmark time `impl` for its own row."""
+    """Times every implementation of the case in interleaved rounds (cached for the case's
+    other rows), then lets pytest-benchmark time `impl` for its own row."""
     fns = case.fns()
     disabled = getattr(benchmark, "disabled", False)
     if key not in _RESULTS and not disabled:
         names = list(fns)
-        # More rounds where a call is short: min over 5 (inference) or 3 (train) interleaved
-        # calls per implementation keeps one stall of the shared machine out of the ratio.
-        rounds = 5 if case.mode == "inference" or case.device == "cuda" else 3
         # target_s: calls shorter than 50 ms (small models) are repeated within a round.
-        seconds = interleaved_min([fns[n] for n in names], rounds=rounds, target_s=0.05)
-        _RESULTS[key] = dict(zip(names, seconds))
+        samples = interleaved_rounds([fns[n] for n in names], rounds=_rounds(case), target_s=0.05)
+        _RESULTS[key] = dict(zip(names, samples))
     benchmark.pedantic(fns[impl], rounds=3 if case.device == "cpu" else 10, iterations=1, warmup_rounds=1)
     info = dict(impl=impl, real_tokens=case.real_tokens, padding_fraction=round(case.padding_fraction, 3))
     stats = getattr(benchmark, "stats", None)
     if stats is not None:
         info["tokens_per_s"] = case.real_tokens / stats.stats.min
     if key in _RESULTS:
-        times = _RESULTS[key]
-        info["interleaved_seconds"] = times
-        info["interleaved_tokens_per_s"] = case.real_tokens / times[impl]
+        rounds = _RESULTS[key]
+        med = {name: median(xs) for name, xs in rounds.items()}
+        info.update(summary(rounds[impl]))
+        info["interleaved_seconds"] = med  # medians over the rounds
+        info["interleaved_tokens_per_s"] = case.real_tokens / med[impl]
         if impl == headline:
-            for name, t in times.items():
+            torch_names = [n for n in ("torch", "torch_nested") if n in med]
+            for name, t in med.items():
                 if name == "bertkern_alt_gemm":  # not a baseline: bertkern itself on the other GEMM route
-                    info["alt_gemm_ratio"] = t / times[impl]
+                    info["alt_gemm_ratio"] = t / med[impl]
                 elif name == "gemm_only":  # not a baseline: the GEMMs alone, a floor
                     info["gemm_only_seconds"] = t
-                    info["gemm_share"] = t / times[impl]
-                    torch_best = min(times["torch"], times.get("torch_nested", float("inf")))
-                    info["speedup_bound_vs_torch_best"] = torch_best / t
+                    info["gemm_share"] = t / med[impl]
+                    if torch_names:
+                        info["speedup_bound_vs_torch_best"] = min(med[n] for n in torch_names) / t
                 elif name != impl:
-                    info[f"speedup_vs_{name}"] = t / times[impl]
-            if "torch_nested" in times:
-                info["speedup_vs_torch_best"] = min(times["torch"], times["torch_nested"]) / times[impl]
+                    info.update(ratio_info(name, rounds[name], rounds[impl]))
+            if "torch_nested" in med:
+                best = min(torch_names, key=lambda n: med[n])
+                ratios = ratio_info(best, rounds[best], rounds[impl])
+                info["speedup_vs_torch_best"] = ratios[f"speedup_vs_{best}"]
+                info["speedup_vs_torch_best_ci95"] = ratios[f"speedup_vs_{best}_ci95"]
+                info["torch_best"] = best
     if case.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         fns[impl]()
@@ -305,35 +327,54 @@ def _onednn():
     return onednn_linear_enabled()
 
 
-def _params(models, impls, workloads, modes):
+def _with_alt_gemm_row(mode, dropout):
+    """The GEMM-route comparison runs in inference and in train with dropout 0.1; the dropout-0
+    train cases leave it out (the route's share does not depend on dropout, and the 35-minute
+    budget of the full suite on a 2-core machine)."""
+    return not (mode == "train" and dropout == 0.0)
+
+
+def _drop_id(mode, dropout):
+    """The dropout part of a train case's id / group ("dropout0", "dropout0.1"); inference has none."""
+    return f"dropout{dropout:g}" if mode == "train" else ""
+
+
+def _params(models, impls, workloads, modes, train_dropouts=(0.1,)):
     out = []
     for m in models:
         marks = [_needs_cuda] if m[0] == "cuda" else []
         for workload in workloads:
             for mode in modes:
-                for impl in impls:
-                    if (impl == "torch_nested" and mode == "train") or (impl == "bertkern_alt_gemm" and m[0] != "cpu"):
-                        continue
-                    out.append(pytest.param(m, workload, mode, impl, marks=marks,
-                                            id=f"{_case_id(*m)}-{workload}-{mode}-{impl}"))
+                for dropout in (train_dropouts if mode == "train" else (0.1,)):
+                    for impl in impls:
+                        if (impl == "torch_nested" and mode == "train") or (impl == "bertkern_alt_gemm" and (
+                                m[0] != "cpu" or not _with_alt_gemm_row(mode, dropout))):
+                            continue
+                        drop = _drop_id(mode, dropout)
+                        out.append(pytest.param(m, workload, mode, dropout, impl, marks=marks,
+                                                id=f"{_case_id(*m)}-{workload}-{mode}{'-' + drop if drop else ''}-{impl}"))
     return out
 
 
 ENCODER_IMPLS = ["bertkern", "torch", "torch_nested", "bertkern_alt_gemm"]
-ENCODER_PARAMS = (_params([CPU_MODEL], ENCODER_IMPLS, WORKLOADS, ["train", "inference"])
+# The main CPU config trains with dropout 0 and 0.1: torch's CPU SDPA takes its fused kernel
+# only without dropout, so the pair separates the dropout's share of the speedup from the
+# unpadding's and the kernels'.
+ENCODER_PARAMS = (_params([CPU_MODEL], ENCODER_IMPLS, WORKLOADS, ["train", "inference"], train_dropouts=(0.0, 0.1))
                   + _params(CPU_SEQLEN_SWEEP, ENCODER_IMPLS, ["uniform"], ["inference"])
                   + _params(CPU_SMALL_MODELS, ENCODER_IMPLS, ["uniform", "no_padding"], ["train", "inference"])
                   + _params(CUDA_MODELS, ENCODER_IMPLS, WORKLOADS, ["train", "inference"]))
 
 
-@pytest.mark.parametrize("model,workload,mode,impl", ENCODER_PARAMS)
-def test_encoder(benchmark, model, workload, mode, impl):
-    case = _Case(*model, workload, mode)
-    benchmark.group = f"encoder {mode} {_case_id(*model)} {workload}"
-    key = ("encoder", model, workload, mode)
+@pytest.mark.parametrize("model,workload,mode,dropout,impl", ENCODER_PARAMS)
+def test_encoder(benchmark, model, workload, mode, dropout, impl):
+    case = _Case(*model, workload, mode, dropout=dropout)
+    drop = _drop_id(mode, dropout)
+    benchmark.group = f"encoder {mode} {_case_id(*model)} {workload}" + (f" {drop}" if drop else "")
+    key = ("encoder", model, workload, mode, case.dropout)
     _run_case(benchmark, key, case, impl, headline="bertkern")
     benchmark.extra_info.update(mode=mode, workload=workload, device=model[0], batch=model[5], seqlen=model[6],
-                                dtype=str(model[7]).replace("torch.", ""), **case.config)
+                                dtype=str(model[7]).replace("torch.", ""), dropout=case.dropout, **case.config)
 
 
 # bf16 autocast, both sides: what the same batch costs when a script already runs under
@@ -350,18 +391,20 @@ def test_encoder_autocast_bf16(benchmark, model, workload, mode, impl):
     key = ("encoder_autocast", model, workload, mode)
     _run_case(benchmark, key, case, impl, headline="bertkern")
     benchmark.extra_info.update(mode=mode, workload=workload, device=model[0], batch=model[5], seqlen=model[6],
-                                dtype="float32 weights, bf16 autocast", autocast="bfloat16", **case.config)
+                                dtype="float32 weights, bf16 autocast", autocast="bfloat16", dropout=case.dropout,
+                                **case.config)
 
 
 BERT_PARAMS = (_params([CPU_MODEL], ["bertkern_bert", "hf_bert"], ["uniform"], ["train", "inference"])
                + _params(CUDA_MODELS, ["bertkern_bert", "hf_bert"], ["uniform", "long_tail"], ["train", "inference"]))
 
 
-@pytest.mark.parametrize("model,workload,mode,impl", BERT_PARAMS)
-def test_bert(benchmark, model, workload, mode, impl):
+@pytest.mark.parametrize("model,workload,mode,dropout,impl", BERT_PARAMS)
+def test_bert(benchmark, model, workload, mode, dropout, impl):  # HF's default dropout 0.1 (train)
     case = _BertCase(*model, workload, mode)
     benchmark.group = f"bert {mode} {_case_id(*model)} {workload}"
     key = ("bert", model, workload, mode)
     _run_case(benchmark, key, case, impl, headline="bertkern_bert")
     benchmark.extra_info.update(mode=mode, workload=workload, device=model[0], batch=model[5], seqlen=model[6],
+                                dropout=dropout if mode == "train" else 0.0,
                                 d_model=model[1], layers=model[4], dtype=str(model[7]).replace("torch.", ""))

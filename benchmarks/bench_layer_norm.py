@@ -12,9 +12,12 @@ case and a ``bertkern`` case in the same ``benchmark.group``:
                     computation), for both cases, so that gbps compares like with like
   gbps              bytes / median time (pytest-benchmark's median of this case)
   tokens_per_s      rows (tokens) / median time
-  speedup_vs_torch  torch time / bertkern time, both timed in this test, interleaved (min of a
-                    few timeit repeats each), so that both see the same machine load; 1.0 for
-                    the torch case
+  speedup_vs_torch  torch median / bertkern median over 9 interleaved rounds (both timed at the
+                    configuration's first row, so that both see the same machine load), with
+                    speedup_vs_torch_ci95 (paired bootstrap over the rounds); 1.0 for the
+                    torch case
+  median_s, iqr_s, min_s, rounds, round_seconds   this case's interleaved rounds
+  torch_min_s, bertkern_min_s  the fastest round of each
   peak_memory_bytes (CUDA only) peak allocation of one call above what was allocated before
 
 CPU cases always run (small but real shapes, a minute or two in all on 2 cores); CUDA cases run
@@ -27,7 +30,11 @@ import torch.nn.functional as F
 
 import bertkern
 
-from _timing import interleaved_min  # benchmarks/_timing.py (pytest puts benchmarks/ on sys.path)
+from _timing import interleaved_rounds, ratio_info, summary  # benchmarks/_timing.py (on sys.path)
+from bertkern.bench.stats import median
+
+ROUNDS = 9  # interleaved rounds per configuration (both implementations)
+_RESULTS = {}  # configuration -> ([torch seconds per round], [bertkern seconds per round])
 
 EPS = 1e-5
 
@@ -151,10 +158,14 @@ def test_layer_norm(benchmark, op, device, m, n, dtype, impl):
 
     benchmark(fn)
 
-    t_torch, t_bertkern = interleaved_min([torch_fn, bertkern_fn], rounds=5, target_s=0.02)
+    key = (op, device, m, n, dtype)
+    if key not in _RESULTS:
+        _RESULTS[key] = interleaved_rounds([torch_fn, bertkern_fn], rounds=ROUNDS, target_s=0.02)
+    torch_rounds, bertkern_rounds = _RESULTS[key]
+    own = bertkern_rounds if impl == "bertkern" else torch_rounds
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-    own_min = t_bertkern if impl == "bertkern" else t_torch
-    seconds = stats.stats.median if stats is not None else own_min
+    seconds = stats.stats.median if stats is not None else median(own)
+    ratios = ratio_info("torch", torch_rounds, bertkern_rounds) if impl == "bertkern" else {"speedup_vs_torch": 1.0}
     nbytes = _fused_bytes(op, m, n, dtype)
     benchmark.extra_info.update(
         impl=impl,
@@ -165,9 +176,10 @@ def test_layer_norm(benchmark, op, device, m, n, dtype, impl):
         bytes=nbytes,
         gbps=nbytes / seconds / 1e9,
         tokens_per_s=m / seconds,
-        speedup_vs_torch=(t_torch / t_bertkern) if impl == "bertkern" else 1.0,
-        torch_min_s=t_torch,
-        bertkern_min_s=t_bertkern,
+        torch_min_s=min(torch_rounds),
+        bertkern_min_s=min(bertkern_rounds),
+        **ratios,
+        **summary(own),
         threads=torch.get_num_threads() if device == "cpu" else None,
     )
     if device == "cuda":

@@ -25,9 +25,10 @@ optimizer; ``inference`` = eval() + no_grad forward (torch then takes its nested
 
 extra_info: impl, mode, device, devices, workload, batch, seqlen, d_model, nhead,
 dim_feedforward, layers, dropout, dtype, padding_fraction, real_tokens, seconds, tokens_per_s,
-cpu_threads; in the bertkern rows ``speedup_vs_<baseline>`` (baseline time / bertkern time, both
-timed interleaved in the same test: min over rounds; for (b) of the worker-measured step times)
-and ``interleaved_seconds``. Memory: on CUDA ``peak_memory_bytes`` (torch.cuda.max_memory_allocated
+cpu_threads; every row's own interleaved rounds (median_s, iqr_s, min_s, rounds, round_seconds:
+7 rounds of both implementations at the case's first row; for (b) the worker-measured step
+times) and ``interleaved_seconds`` (both medians); in the bertkern rows ``speedup_vs_<baseline>``
+(baseline median / bertkern median) and ``speedup_vs_<baseline>_ci95`` (paired bootstrap). Memory: on CUDA ``peak_memory_bytes`` (torch.cuda.max_memory_allocated
 of one step, the largest over the devices / ranks, with the per-device list); on CPU, where the
 allocator keeps no peak, ``saved_activation_bytes`` (train mode: the distinct storages autograd
 holds for backward, parameters excluded, summed over devices / ranks; GPipe holds every
@@ -40,7 +41,8 @@ import statistics
 import pytest
 import torch
 
-from _timing import interleaved_min  # benchmarks/_timing.py (pytest puts benchmarks/ on sys.path)
+from _timing import interleaved_rounds, ratio_info, summary  # benchmarks/_timing.py (on sys.path)
+from bertkern.bench.stats import median
 from model_parallel import (
     EncoderConfig, LayerSplitEncoder, PipelineRunner, cuda_peak_bytes, devices_for_split, make_batch,
     make_encoder, saved_activation_bytes, token_loss,
@@ -56,6 +58,8 @@ CONFIGS = {"cpu": CPU_CFG, "cuda": CUDA_CFG}
 WORKLOAD = "lengths uniform in [S/8, S], one full-length sequence"
 STAGES, MICROBATCHES = 2, 4
 ROUNDS = {"cpu": 3, "cuda": 10}  # pytest-benchmark rounds per row (CPU steps take ~0.2-2 s here)
+INTERLEAVED_ROUNDS = 7  # interleaved rounds of both implementations per case (the least with a ratio interval)
+_RESULTS = {}  # case key -> {impl: [seconds per round]}, timed at the case's first row
 MODES = ["train", "inference"]
 
 _needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA GPU")
@@ -146,10 +150,15 @@ def test_layer_split(benchmark, mode, device, impl):
     if len(set(case.devices)) < len(case.devices):
         info["device_note"] = f"fewer than {STAGES} GPUs: the same split, all stages on {case.devices[0]}"
     disabled = getattr(benchmark, "disabled", False)  # --benchmark-disable: a quick smoke run
-    if which == "bertkern" and not disabled:
-        t_torch, t_bertkern = interleaved_min([case.fn("torch"), fn])
-        info.update(speedup_vs_torch_layer_split=t_torch / t_bertkern,
-                    interleaved_seconds={"torch_layer_split": t_torch, "bertkern_layer_split": t_bertkern})
+    key = ("layer_split", mode, device)
+    if key not in _RESULTS and not disabled:
+        _RESULTS[key] = dict(zip(("torch_layer_split", "bertkern_layer_split"),
+                                 interleaved_rounds([case.fn("torch"), case.fn("bertkern")], rounds=INTERLEAVED_ROUNDS)))
+    if key in _RESULTS:
+        rounds = _RESULTS[key]
+        info.update(summary(rounds[impl]), interleaved_seconds={n: median(xs) for n, xs in rounds.items()})
+        if which == "bertkern":
+            info.update(ratio_info("torch_layer_split", rounds["torch_layer_split"], rounds[impl]))
     stats = getattr(benchmark, "stats", None)
     seconds = stats.stats.median if stats is not None else None
     if seconds:
@@ -182,13 +191,13 @@ def _runner(pipelines, device):
     return pipelines[device]
 
 
-def _interleaved_worker_min(runner, mode, impls, rounds=3):
-    """Min over rounds of the worker-measured step time (slowest rank), impls round-robin."""
-    best = {impl: float("inf") for impl in impls}
-    for _ in range(rounds):
+def _interleaved_worker_rounds(runner, mode, impls, rounds=None):
+    """Per-round worker-measured step time (slowest rank) of each impl, impls round-robin."""
+    samples = {impl: [] for impl in impls}
+    for _ in range(rounds or INTERLEAVED_ROUNDS):
         for impl in impls:
-            best[impl] = min(best[impl], max(runner.step(impl, mode)))
-    return best
+            samples[impl].append(max(runner.step(impl, mode)))
+    return samples
 
 
 @pytest.mark.parametrize("impl", ["pipeline_torch", "pipeline_bertkern"])
@@ -223,8 +232,13 @@ def test_pipeline(benchmark, pipelines, mode, device, impl):
     if device == "cuda":
         peaks = [m["cuda_peak_bytes"] for m in memory]
         info.update(peak_memory_bytes=max(peaks), peak_memory_bytes_per_rank=peaks)
-    if which == "bertkern" and not getattr(benchmark, "disabled", False):
-        best = _interleaved_worker_min(runner, mode, ("torch", "bertkern"))
-        info.update(speedup_vs_pipeline_torch=best["torch"] / best["bertkern"],
-                    interleaved_seconds={"pipeline_torch": best["torch"], "pipeline_bertkern": best["bertkern"]})
+    key = ("pipeline", mode, device)
+    if key not in _RESULTS and not getattr(benchmark, "disabled", False):
+        samples = _interleaved_worker_rounds(runner, mode, ("torch", "bertkern"))
+        _RESULTS[key] = {"pipeline_torch": samples["torch"], "pipeline_bertkern": samples["bertkern"]}
+    if key in _RESULTS:
+        rounds = _RESULTS[key]
+        info.update(summary(rounds[impl]), interleaved_seconds={n: median(xs) for n, xs in rounds.items()})
+        if which == "bertkern":
+            info.update(ratio_info("pipeline_torch", rounds["pipeline_torch"], rounds[impl]))
     benchmark.extra_info.update(info)

@@ -12,13 +12,11 @@ from hypothesis import strategies as st
 
 import bertkern  # noqa: F401
 from bertkern.ops import attention, unpad
+from tests.devices import devices
 from tests.reference import attention_dropout_keep_ref, attention_varlen_ref, philox4x32_ref
+from tests.test_dropout import assert_drops_binomial
 
 LENGTHS = [1, 7, 70, 0, 33]
-
-
-def devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def packed_inputs(lengths, heads, head_dim, dtype, device="cpu", seed=0):
@@ -62,18 +60,64 @@ def test_forward_backward_against_reference(device, dtype, head_dim, causal):
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
 
 
+def assert_matches_ref_fp64(got, ref, what):
+    torch.testing.assert_close(got, ref.to(got.dtype), atol=2e-5, rtol=2e-5, msg=lambda m: f"{what}: {m}")
+
+
 def test_empty_sequence_gives_zeros_and_zero_grads():
+    """Empty sequences (packed) and fully padded ones (padded layout) next to real ones: the
+    output rows of an empty / padded sequence are exact zeros, the gradients reaching q, k, v at
+    those positions are exact zeros, everything is finite, and the real sequences' output and
+    gradients equal the fp64 reference's (the empty ones change nothing)."""
+    scale = 1 / math.sqrt(16)
+    # packed: [0, 3, 0]: the empty sequences own no rows; the real one is the reference's
     q, k, v, cu, max_len = packed_inputs([0, 3, 0], 2, 16, torch.float32)
-    q.requires_grad_(True)
-    out = attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = attention(*leaves, cu_seqlens=cu, max_seqlen=max_len)
     assert out.shape == (3, 2, 16) and torch.isfinite(out).all()
-    # an all-empty batch: T = 0
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = attention_varlen_ref(*ref_leaves, cu, scale)
+    assert_matches_ref_fp64(out, ref, "out")
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, ref_leaves, dout.double())):
+        assert torch.isfinite(g).all(), f"d{name} not finite"
+        assert_matches_ref_fp64(g, r, f"d{name}")
+
+    # padded layout: sequences 0 and 2 all padding, sequence 1 three real tokens then one pad
+    batch, seqlen = 3, 4
+    g = torch.Generator().manual_seed(6)
+    qp, kp, vp = (torch.randn(batch, seqlen, 2, 16, generator=g) for _ in range(3))
+    mask = torch.ones(batch, seqlen, dtype=torch.bool)
+    mask[1, :3] = False
+    leaves = [t.clone().requires_grad_(True) for t in (qp, kp, vp)]
+    out = attention(*leaves, key_padding_mask=mask)
+    assert out.shape == qp.shape and torch.isfinite(out).all()
+    assert torch.equal(out[mask], torch.zeros_like(out[mask])), "padded / empty rows not exactly 0"
+    dout = torch.randn(out.shape, generator=g)  # nonzero at padded positions too
+    grads = torch.autograd.grad(out, leaves, dout)
+    real = ~mask[1]
+    ref_leaves = [t[1][real].double().requires_grad_(True) for t in (qp, kp, vp)]
+    ref_cu = torch.tensor([0, int(real.sum())], dtype=torch.int32)
+    ref, _ = attention_varlen_ref(*ref_leaves, ref_cu, scale)
+    assert_matches_ref_fp64(out[1][real], ref, "out (real tokens)")
+    for name, gr, r in zip("qkv", grads, torch.autograd.grad(ref, ref_leaves, dout[1][real].double())):
+        assert torch.isfinite(gr).all(), f"d{name} not finite"
+        assert torch.equal(gr[mask], torch.zeros_like(gr[mask])), f"d{name} nonzero at padded positions"
+        assert_matches_ref_fp64(gr[1][real], r, f"d{name} (real tokens)")
+
+    # an all-empty batch: T = 0 (packed), and every sequence padding (padded layout)
     q0, k0, v0, cu0, _ = packed_inputs([0, 0], 2, 16, torch.float32)
     q0.requires_grad_(True)
     out0 = attention(q0, k0, v0, cu_seqlens=cu0, max_seqlen=0)
     assert out0.shape == (0, 2, 16)
     out0.sum().backward()
     assert q0.grad.shape == q0.shape
+    leaves = [t.clone().requires_grad_(True) for t in (qp, kp, vp)]
+    out = attention(*leaves, key_padding_mask=torch.ones(batch, seqlen, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros_like(out))
+    for name, gr in zip("qkv", torch.autograd.grad(out, leaves, torch.ones_like(out))):
+        assert torch.equal(gr, torch.zeros_like(gr)), f"d{name} nonzero for an all-padding batch"
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -110,8 +154,8 @@ def test_dropout_reproducible_rate_and_backward_consistent():
     c = attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, dropout_p=p)
     assert torch.equal(a, b) and not torch.equal(a, c)
     masks = attention_dropout_keep_ref(int(seed), cu, 2, max_len, p)
-    keep_rate = torch.cat([m.flatten() for m in masks]).double().mean().item()
-    assert abs(keep_rate - (1 - p)) < 0.03
+    keep = torch.cat([m.flatten() for m in masks])  # the kernel's masks: out == ref below
+    assert_drops_binomial(int((~keep).sum()), keep.numel(), p, "attention dropout")
     # forward and backward both equal the reference with the regenerated mask
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     torch.manual_seed(7)
@@ -169,7 +213,7 @@ def test_dropout_mask_is_the_reference_for_odd_lengths(causal, extra):
     seed_t = torch.tensor([seed], dtype=torch.int64)
     out, _ = torch.ops.bertkern.attention_fwd(q, k, v, cu, max_seqlen, 0.125, causal, p, seed_t)
     masks = attention_dropout_keep_ref(seed, cu, heads, max_seqlen, p)
-    kept = entries = 0
+    drops = entries = 0
     for b, n in enumerate(lengths):
         s = int(cu[b])
         visible = torch.ones(n, n, dtype=torch.bool)
@@ -178,13 +222,15 @@ def test_dropout_mask_is_the_reference_for_odd_lengths(causal, extra):
         counts = visible.sum(1, keepdim=True).double()
         got = out[s:s + n, :, :n].permute(1, 0, 2) * (1 - p) * counts  # (H, L, L), 0 or 1
         got_keep = got > 0.5
-        assert torch.allclose(got, got_keep.double(), atol=1e-9, rtol=0), f"sequence {b}: not 0/1"
+        # kept: P / (1 - p) (got = 1 up to fp64 rounding); dropped: exactly 0
+        assert torch.allclose(got[got_keep], torch.ones_like(got[got_keep]), atol=1e-9, rtol=0), f"sequence {b}"
+        assert torch.equal(got[~got_keep], torch.zeros_like(got[~got_keep])), f"sequence {b}: a drop is not 0"
         assert torch.equal(got_keep, masks[b] & visible), (
             f"sequence {b}: keep mask differs from attention_dropout_keep_ref in "
             f"{(got_keep != (masks[b] & visible)).sum().item()} of {got_keep.numel()} entries")
-        kept += masks[b].sum().item()
-        entries += masks[b].numel()
-    assert abs(kept / entries - (1 - p)) < 0.02  # ~17k Bernoulli(0.7) draws: std ~0.0035
+        drops += (~got_keep & visible).sum().item()  # the kernel's own drops, visible entries only
+        entries += heads * visible.sum().item()
+    assert_drops_binomial(drops, entries, p, f"attention dropout, causal={causal}")
     # The backward regenerates the same mask.
     x = [t.clone().requires_grad_(True) for t in (torch.randn_like(q), k, v)]
     out = torch.ops.bertkern.attention_fwd(*x, cu, max_seqlen, 0.125, causal, p, seed_t)[0]

@@ -201,13 +201,14 @@ def test_plot_skipped_without_matplotlib(synthetic_json, tmp_path, monkeypatch):
 def test_cli(synthetic_json, tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "bertkern.bench", "report", str(synthetic_json),
-                           "--out", str(out), "--title", "CLI run"],
+                           "--out", str(out), "--title", "CLI run", "--allow-dirty"],
                           capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("# CLI run")
     assert "2.31x" in proc.stdout and "AMD EPYC 9B14" in proc.stdout
     assert str(out / "report.md") in proc.stderr
     assert (out / "report.md").read_text(encoding="utf-8").strip() == proc.stdout.strip()
+    assert "rendered with `--allow-dirty`" in proc.stdout and "--allow-dirty" in proc.stderr
     if HAVE_MPL:
         _check_png(out / "speedup.png")
 
@@ -297,4 +298,272 @@ def test_real_pytest_benchmark_json(tmp_path):
         assert f"{speedup} vs torch" in text
     assert "speedup vs torch" in text and "tokens/s" in text and "70.0%" in text
     if HAVE_MPL:
+        _check_png(png)
+
+
+
+# --------------------------------------------------------------------------------------------
+# suites that record medians over interleaved rounds and bootstrap intervals (issue 16)
+
+FULL_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _timed(name, group, median, rounds=15, spread=0.02, **extra):
+    """A row as the suites write it now: extra_info median_s / iqr_s / min_s / rounds / round_seconds."""
+    row = _bench(name, group, median * 1.3, **extra)  # pytest-benchmark's own stats: other numbers
+    row["extra_info"].update(median_s=median, iqr_s=median * spread, min_s=median * (1 - spread), rounds=rounds,
+                             round_seconds=[median * (1 + spread * ((i % 3) - 1)) for i in range(rounds)])
+    return row
+
+
+# (mode, dropout) -> workload -> (ratio vs torch, ci, ratio vs torch_best, ci)
+ENCODER_RATIOS = {
+    ("train", 0.0): {"no_padding": (1.21, [1.12, 1.30]), "uniform": (1.43, [1.31, 1.55]),
+                     "long_tail": (2.95, [2.70, 3.20])},
+    ("train", 0.1): {"no_padding": (1.48, [1.40, 1.57]), "uniform": (2.27, [2.10, 2.41]),
+                     "long_tail": (4.10, [3.80, 4.44])},
+    ("inference", 0.0): {"no_padding": (0.99, [0.95, 1.04]), "uniform": (1.11, [1.04, 1.19]),
+                         "long_tail": (1.66, [1.52, 1.80])},
+}
+PADDING = {"no_padding": 0.0, "uniform": 0.434, "long_tail": 0.655}
+
+
+def _synthetic_timed():
+    benchmarks = []
+    config = dict(device="cpu", batch=32, seqlen=128, dtype="float32", d_model=768, nhead=12,
+                  dim_feedforward=3072, layers=2)
+    for (mode, dropout), workloads in ENCODER_RATIOS.items():
+        for workload, (ratio, ci) in workloads.items():
+            group = f"encoder {mode} cpu-d768h12f3072L2-32x128-float32 {workload}" + (
+                f" dropout{dropout:g}" if mode == "train" else "")
+            common = dict(mode=mode, workload=workload, padding_fraction=PADDING[workload], real_tokens=2000,
+                          dropout=dropout, **config)
+            torch_s = 0.120 if mode == "train" else 0.040
+            benchmarks.append(_timed(f"test_encoder[{group}-torch]", group, torch_s, impl="torch", **common))
+            extra = dict(speedup_vs_torch=ratio, speedup_vs_torch_ci95=ci)
+            if mode == "inference":
+                benchmarks.append(_timed(f"test_encoder[{group}-torch_nested]", group, torch_s * 0.9,
+                                         impl="torch_nested", **common))
+                extra.update(speedup_vs_torch_nested=ratio * 1.1, speedup_vs_torch_nested_ci95=[ci[0] * 1.1, ci[1] * 1.1],
+                             speedup_vs_torch_best=ratio, speedup_vs_torch_best_ci95=ci)
+            benchmarks.append(_timed(f"test_encoder[{group}-bertkern]", group, torch_s / ratio, impl="bertkern",
+                                     **extra, **common))
+    # the sequence-length sweep: another config, uniform only; not in the encoder chart
+    sweep = dict(config, batch=8, seqlen=512)
+    group = "encoder inference cpu-d768h12f3072L2-8x512-float32 uniform"
+    benchmarks.append(_timed(f"test_encoder[{group}-bertkern]", group, 0.05, impl="bertkern", mode="inference",
+                             workload="uniform", padding_fraction=0.41, speedup_vs_torch=9.99,
+                             speedup_vs_torch_ci95=[9.5, 10.5], speedup_vs_torch_best=8.88,
+                             speedup_vs_torch_best_ci95=[8.5, 9.2], **sweep))
+    benchmarks.append(_timed(f"test_encoder[{group}-torch]", group, 0.5, impl="torch", mode="inference",
+                             workload="uniform", padding_fraction=0.41, **sweep))
+    return {
+        "machine_info": {"node": "vm", "machine": "x86_64", "system": "Linux", "release": "6.1",
+                         "python_implementation": "CPython", "python_version": "3.11.7",
+                         "cpu": {"brand_raw": "AMD EPYC 9B14 96-Core Processor", "count": 2, "arch": "X86_64"}},
+        "commit_info": {"id": FULL_COMMIT, "time": "2026-12-02T10:00:00+00:00", "branch": "main", "dirty": False},
+        "benchmarks": benchmarks,
+        "datetime": "2026-12-03T16:00:00.123456+00:00",
+        "version": "5.3.1",
+    }
+
+
+def _write(tmp_path, data, name="out.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "bertkern.bench", "report", *map(str, args)],
+                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120)
+
+
+def test_medians_intervals_and_flag(tmp_path):
+    text, _ = report.render(_write(tmp_path, _synthetic_timed()), tmp_path / "r")
+    table = text.split("### encoder train cpu-d768h12f3072L2-32x128-float32 uniform dropout0\n", 1)[1]
+    table = table.split("###", 1)[0]
+    header = next(line for line in table.splitlines() if line.startswith("| benchmark"))
+    assert "| median | IQR | rounds |" in header
+    # the suite's median (120 ms / 1.43), not pytest-benchmark's stats (1.3x that), its IQR, rounds
+    assert "| 83.9 ms | 1.68 ms | 15 |" in table and "109 ms" not in table
+    assert "| 120 ms | 2.40 ms | 15 |" in table
+    assert "1.43x [1.31, 1.55]" in table and "(n.s.)" not in table
+    assert "(pb)" not in text and "no `median_s`" not in text
+    assert "ratios of medians" in text and "95% paired bootstrap interval" in text
+    # a ratio whose interval contains 1.0 is flagged, in its table and in the summary, with a legend
+    flagged = text.split("### encoder inference cpu-d768h12f3072L2-32x128-float32 no_padding\n", 1)[1]
+    flagged = flagged.split("###", 1)[0]
+    assert "0.99x [0.95, 1.04] (n.s.)" in flagged
+    assert "1.09x [1.04, 1.14] (n.s.)" not in flagged  # vs torch_nested: interval above 1.0
+    summary = text.split("## Summary", 1)[1].split("## Results", 1)[0]
+    assert ("- `encoder inference cpu-d768h12f3072L2-32x128-float32 no_padding`: 0.99x [0.95, 1.04] (n.s.) "
+            "vs torch") in summary
+    assert "- `encoder train cpu-d768h12f3072L2-32x128-float32 long_tail dropout0.1`: 4.10x [3.80, 4.44] vs torch" \
+        in summary
+    assert "`(n.s.)`: the ratio's 95% interval includes 1.00x" in summary
+    assert "2 of 17 ratios with an interval" in summary  # torch and torch_best of that group
+    assert "carry no interval" not in summary
+    assert text.count("includes 1.00x") == 2  # the summary's note and the Results legend
+    # the common line does not repeat the timing keys
+    assert "rounds=" not in text and "median_s" not in text.split("## Results", 1)[1].split("###", 1)[1]
+
+
+def test_old_json_says_what_it_falls_back_to(synthetic_json, tmp_path):
+    text, _ = report.render(synthetic_json, tmp_path / "old")
+    results = text.split("## Results", 1)[1]
+    assert "This JSON records no `median_s`" in results and "pytest-benchmark's own median" in results
+    summary = text.split("## Summary", 1)[1].split("## Results", 1)[0]
+    assert "carry no interval" in summary and "(n.s.)" not in text and "[" not in summary.split(":", 1)[1]
+    # pytest-benchmark's median and IQR of that row
+    assert "| median | IQR | rounds |" in text and "| 125 us | 0 ns | 5 |" in text
+
+
+def test_mixed_json_marks_the_fallback_rows(tmp_path):
+    data = _synthetic_timed()
+    data["benchmarks"].append(_bench("test_encoder[old-torch]", data["benchmarks"][0]["group"], 0.2, impl="torch"))
+    text, _ = report.render(_write(tmp_path, data), tmp_path / "mixed")
+    assert "1 of 24 rows record no `median_s`" in text
+    assert "| 200 ms (pb) |" in text and text.count("(pb)") == 2  # the row, and the note
+
+
+def test_row_reads_intervals_defensively():
+    from bertkern.bench import records
+
+    row = records.Row({"name": "x", "extra_info": {
+        "impl": "bertkern", "speedup_vs_torch": 1.5, "speedup_vs_torch_ci95": [1.4, 1.6],
+        "speedup_vs_a": 1.2, "speedup_vs_a_ci95": [1.3, 1.1],  # lo > hi: ignored
+        "speedup_vs_b": 1.0, "speedup_vs_b_ci95": "wide",
+        "speedup_vs_c_ci95": [0.9, 1.1],  # an interval without its ratio: ignored
+        "median_s": 0.5, "rounds": 7.0}}, 0)
+    assert list(row.speedups) == ["torch", "a", "b"]
+    assert row.intervals == {"torch": (1.4, 1.6)}
+    assert row.median == 0.5 and row.median_from_rounds and row.rounds == 7 and row.iqr is None
+    assert records.crosses_one((0.9, 1.0)) and records.crosses_one((1.0, 1.2)) and not records.crosses_one((1.01, 2))
+
+
+def test_folder_name_from_json():
+    from bertkern.bench import records
+
+    assert records.short_name("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz") == "intel-xeon-platinum-8481c"
+    assert records.short_name("AMD EPYC 9B14 96-Core Processor") == "amd-epyc-9b14"
+    data = _synthetic_timed()
+    assert records.machine_slug(data) == "amd-epyc-9b14" and records.run_date(data) == "2026-12-03"
+    assert report.default_folder(data) == os.path.join("benchmarks", "results", "amd-epyc-9b14-2026-12-03")
+    assert report.default_folder(data, machine="My Box #2").endswith("my-box-2-2026-12-03")
+    data["benchmarks"][0]["extra_info"].update(device="cuda", gpu="NVIDIA H100 80GB HBM3")
+    assert records.machine_slug(data) == "amd-epyc-9b14-nvidia-h100-80gb-hbm3"
+    del data["datetime"]
+    assert records.run_date(data) == "2026-12-02"  # commit_info's time
+    assert records.machine_slug({"benchmarks": []}) == "unknown-machine"
+
+
+EXPECTED_FILES = {"results.json", "COMMIT", "report.md", "encoder_speedup.png", "speedup.png"}
+
+
+def test_cli_results_folder(tmp_path):
+    src = _write(tmp_path, _synthetic_timed())
+    proc = _cli(tmp_path, src)
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "benchmarks" / "results" / "amd-epyc-9b14-2026-12-03"
+    names = {p.name for p in folder.iterdir()}
+    assert names == (EXPECTED_FILES if HAVE_MPL else {"results.json", "COMMIT", "report.md"})
+    assert (folder / "results.json").read_bytes() == src.read_bytes()
+    assert (folder / "COMMIT").read_text() == FULL_COMMIT + "\n"
+    text = (folder / "report.md").read_text(encoding="utf-8")
+    assert text.strip() == proc.stdout.strip()
+    assert f"git checkout {FULL_COMMIT}" in text and "Source: `results.json`" in text
+    assert "Uncommitted changes" not in text and "--allow-dirty" not in text
+    for name in names:  # the default folder is relative to the current directory
+        assert os.path.join("benchmarks", "results", "amd-epyc-9b14-2026-12-03", name) in proc.stderr
+    if HAVE_MPL:
+        assert "![bertkern.Encoder speedup vs padding fraction](encoder_speedup.png)" in text
+        assert "![bertkern speedup](speedup.png)" in text
+        _check_png(folder / "encoder_speedup.png")
+
+    # regenerate in place from the committed copy: not copied onto itself, same report
+    proc = _cli(tmp_path, folder / "results.json", "--out", folder)
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "results.json").read_bytes() == src.read_bytes()
+    assert (folder / "report.md").read_text(encoding="utf-8") == text
+
+    # --machine names the folder
+    proc = _cli(tmp_path, src, "--machine", "Xeon 8481C")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "benchmarks" / "results" / "xeon-8481c-2026-12-03" / "COMMIT").exists()
+
+
+@pytest.mark.parametrize("commit_info,message", [
+    ({"id": FULL_COMMIT, "dirty": True}, "dirty tree"),
+    ({"id": "unversioned", "dirty": False, "error": "CalledProcessError(128, 'not a git repository')"},
+     "records no commit"),
+    (None, "records no commit"),
+])
+def test_cli_refuses_dirty_or_unknown_commit(tmp_path, commit_info, message):
+    data = _synthetic_timed()
+    if commit_info is None:
+        del data["commit_info"]
+    else:
+        data["commit_info"] = commit_info
+    src = _write(tmp_path, data)
+    out = tmp_path / "res"
+    proc = _cli(tmp_path, src, "--out", out)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert message in proc.stderr and "--allow-dirty" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "benchmarks").exists()  # nothing written
+    with pytest.raises(report.PublishError, match=message):
+        report.publish(src, out)
+
+    proc = _cli(tmp_path, src, "--out", out, "--allow-dirty")
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "rendered with `--allow-dirty`" in text and "warning" in proc.stderr
+    assert (out / "COMMIT").read_text() == (FULL_COMMIT if commit_info and commit_info.get("dirty") else "unknown") + "\n"
+    assert (out / "results.json").read_bytes() == src.read_bytes()
+
+
+def test_encoder_chart_series_and_file(tmp_path):
+    from bertkern.bench import plot, records
+
+    data = _synthetic_timed()
+    (device, config, series), = plot.encoder_series(records.rows_of(data))
+    assert device == "cpu" and config == "d_model 768, 2 layers, batch 32 x 128, float32"
+    assert list(series) == ["train, dropout 0 (vs torch)", "train, dropout 0.1 (vs torch)",
+                            "inference (vs best torch path)"]
+    inference = series["inference (vs best torch path)"]
+    assert [(x, y, ci, w) for x, y, ci, w in inference] == [
+        (0.0, 0.99, (0.95, 1.04), "no_padding"), (0.434, 1.11, (1.04, 1.19), "uniform"),
+        (0.655, 1.66, (1.52, 1.80), "long_tail")]  # the 8x512 sweep row (8.88x) is not in it
+    # one dropout only: the train series says which
+    one = [b for b in data["benchmarks"] if b["extra_info"].get("dropout") != 0.0 or b["extra_info"]["mode"] != "train"]
+    (_, _, series), = plot.encoder_series(records.rows_of(dict(data, benchmarks=one)))
+    assert list(series) == ["train, dropout 0.1 (vs torch)", "inference (vs best torch path)"]
+    if not HAVE_MPL:
+        pytest.skip("matplotlib is not installed")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    png, note = plot.draw_encoder(data, tmp_path / "encoder_speedup.png")
+    assert note is None and png == str(tmp_path / "encoder_speedup.png")
+    _check_png(png)
+    width, _ = _png_size(png)
+    assert 800 <= width <= 1600  # 8 in wide: README width
+    # without encoder rows: skipped, with a reason; the report does not mention the chart
+    data["benchmarks"] = [b for b in data["benchmarks"] if "encoder" not in b["name"]] + [
+        _timed("test_layer_norm[bertkern]", "ln", 1e-4, impl="bertkern", speedup_vs_torch=1.5, seqlen=128)]
+    png, note = plot.draw_encoder(data, tmp_path / "none.png")
+    assert png is None and "no bertkern row of test_encoder" in note and not (tmp_path / "none.png").exists()
+    text, _ = report.render(_write(tmp_path, data), tmp_path / "ln")
+    assert "encoder_speedup" not in text and "Encoder chart" not in text
+
+
+def test_old_json_encoder_chart_without_intervals(synthetic_json, tmp_path):
+    from bertkern.bench import plot, records
+
+    data = json.loads(synthetic_json.read_text())
+    (_, _, series), = plot.encoder_series(records.rows_of(data))
+    assert list(series) == ["train (vs torch)", "inference (vs torch)"]
+    assert all(ci is None for pts in series.values() for _, _, ci, _ in pts)
+    if HAVE_MPL:
+        png, _ = plot.draw_encoder(data, tmp_path / "e.png")
         _check_png(png)

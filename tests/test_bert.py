@@ -144,6 +144,26 @@ def test_left_padded_batch(name, attn):
 
 
 @params
+def test_inference_mode(name, attn):
+    """What the benchmarks time: eval under torch.inference_mode(), with and without padding;
+    outputs match HF's under inference_mode and are inference tensors, as HF's are."""
+    hf = make_hf(name, attn)
+    ours = BertModel.from_hf(hf)
+    mask = right_padded_mask([9, 4, 1, 9], 9)
+    mask[1, 6] = 1  # padding in the middle of a row too
+    ids = batch_ids(4, 9)
+    with torch.inference_mode():
+        ref, out = hf(ids, attention_mask=mask), ours(ids, attention_mask=mask)
+        ref_full, out_full = hf(ids), ours(ids)
+    for o, r in ((out, ref), (out_full, ref_full)):
+        assert o.last_hidden_state.is_inference() and o.pooler_output.is_inference()
+        assert r.last_hidden_state.is_inference() and r.pooler_output.is_inference()
+        torch.testing.assert_close(o.pooler_output, r.pooler_output, **TOL)
+    assert_real_tokens_close(out, ref, mask)
+    torch.testing.assert_close(out_full.last_hidden_state, ref_full.last_hidden_state, **TOL)
+
+
+@params
 def test_fully_padded_row(name, attn):
     hf = make_hf(name, attn)
     ours = BertModel.from_hf(hf)

@@ -46,16 +46,60 @@ def test_backward_matches_reference(dtype, relu):
     y.backward(dy)
     ref = (dy.double() * keep.double() / (1 - p)).to(dtype)
     torch.testing.assert_close(xl.grad, ref, **tolerances(dtype))
+    assert torch.equal(xl.grad[~keep], torch.zeros_like(xl.grad[~keep]))  # dropped: exactly 0
+
+
+# A correct kernel's drop count over n independent draws is Binomial(n, p): |drops - n p| <= z
+# sigma, sigma = sqrt(n p (1 - p)), fails with probability 2 (1 - Phi(5)) = 5.7e-7 < 1e-6 at z = 5
+# (normal approximation, accurate for the n p (1 - p) >= 25 asserted here). The tests draw from
+# fixed seeds, so each outcome is deterministic; the bound says a correct kernel passes for all
+# but about one seed in a million, and a rate off by more than 5 sigma fails.
+BINOMIAL_Z = 5.0
+
+
+def assert_drops_binomial(drops, n, p, what=""):
+    """drops out of n independent Bernoulli(p) draws: within BINOMIAL_Z sigma of n p."""
+    var = n * p * (1 - p)
+    assert var >= 25, f"{what}: n p (1 - p) = {var:.3g} too small for the normal approximation"
+    bound = BINOMIAL_Z * var**0.5
+    assert abs(drops - n * p) <= bound, (
+        f"{what}: {drops} drops of {n} at p = {p}: |drops - n p| = {abs(drops - n * p):.1f} > "
+        f"{BINOMIAL_Z} sigma = {bound:.1f} (rate {drops / n:.5f})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_drop_rate_zeros_and_scale(dtype, relu):
+    """bertkern.ops.dropout as a user calls it (seed drawn from torch's generator): every element
+    the reference mask drops is exactly 0, every kept one is relu(x) / (1 - p), and the number of
+    zeros the kernel writes (over the x > 0 elements with relu: the only ones dropout decides)
+    is within the binomial bound, for small and large p."""
+    n = 1 << 16  # n p (1 - p) >= 320 at p = 0.01 over the x > 0 half
+    x = torch.randn(n, generator=torch.Generator().manual_seed(4)).to(dtype)
+    assert torch.count_nonzero(x) == n
+    live = x > 0 if relu else torch.ones(n, dtype=torch.bool)
+    for p in (0.01, 0.1, 0.5, 0.9):
+        torch.manual_seed(11)
+        seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))  # the draw dropout() makes
+        torch.manual_seed(11)
+        y = bertkern.ops.dropout(x, p, relu=relu)
+        keep = dropout_keep_ref(seed, n, p)
+        zero = ~keep | ~live
+        assert torch.equal(y[zero], torch.zeros_like(y[zero])), f"p={p}: a dropped element is not exactly 0"
+        kept = keep & live
+        torch.testing.assert_close(y[kept], (x[kept].double() / (1 - p)).to(dtype), **tolerances(dtype))
+        drops = int(((y == 0) & live).sum())  # the kernel's own zeros: no kept x / (1 - p) is 0
+        assert drops == int((~keep & live).sum())
+        assert_drops_binomial(drops, int(live.sum()), p, f"{dtype} relu={relu}")
 
 
 def test_keep_fraction_is_one_minus_p():
     x = torch.ones(1 << 20)
     for p in (0.05, 0.1, 0.5, 0.9):
         y = fwd(x, p, seed_tensor(7), False)
-        kept = (y != 0).double().mean().item()
-        # binomial std over 2^20 draws is < 5e-4
-        assert abs(kept - (1 - p)) < 3e-3, (p, kept)
-        torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+        dropped = y == 0
+        assert_drops_binomial(int(dropped.sum()), x.numel(), p, f"fwd p={p}")
+        torch.testing.assert_close(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - p)))
 
 
 def test_p_zero_keeps_everything_and_relu_only():

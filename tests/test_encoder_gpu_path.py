@@ -1,7 +1,8 @@
 """The GPU path of bertkern.Encoder end to end on the CPU: forward + backward of a tiny Encoder
 with the attention in the Triton kernels (Triton interpreter) and LayerNorm / mask_to_indices /
 gather_rows / scatter_rows in the CUDA kernel source (host emulation), against
-nn.TransformerEncoder in float64.
+nn.TransformerEncoder in float64: fp32 without dropout, fp32 training with dropout (against the
+encoder recomputed with the masks rebuilt from the seeds the run drew), and a bf16 model.
 
 TRITON_INTERPRET=1 must be set before triton is imported, and this pytest process may have
 imported it already, so the work is done by tests/encoder_gpu_path_worker.py in a fresh process;
@@ -60,10 +61,23 @@ def test_encoder_gpu_path_matches_fp64_reference(emulation_built):
 
     assert summary["ok"] is True
     runs = summary["runs"]
-    assert len(runs) >= 4
+    assert len(runs) >= 7
     assert {"batch_first=True" in r["config"] for r in runs} == {True, False}  # both layouts ran
+    # training with dropout ran, in both layouts, and a bf16 model ran
+    assert {"batch_first=True" in r["config"] for r in runs if r["dropout"] > 0} == {True, False}
+    assert any(r["dtype"] == "bfloat16" for r in runs)
+    num_layers = summary["config"]["num_layers"]
     for run in runs:
         calls = run["calls"]
+        # every dropout seed drawn, one per dropout site per layer (each mask then checked against
+        # the reference rebuilt from its seed), none without dropout
+        if run["dropout"] > 0:
+            assert run["seeds"] == {"attention": num_layers, "dropout": 3 * num_layers}, run
+        else:
+            assert run["seeds"] == {"attention": 0, "dropout": 0}, run
+        # bf16: the Triton kernels were given fp32 copies (the interpreter's bf16 math is wrong)
+        upcast = calls["attention_varlen(bf16 -> fp32)"]
+        assert upcast == (calls["attention_varlen(backend=triton)"] if run["dtype"] == "bfloat16" else 0), run
         # every kernel went through its GPU implementation in every run ...
         for op in EMULATED_OPS:
             assert calls[f"emu.{op}"] > 0, (run["config"], op, calls)
@@ -76,6 +90,17 @@ def test_encoder_gpu_path_matches_fp64_reference(emulation_built):
         assert calls["cpu.attention_fwd"] == 0 and calls["cpu.attention_bwd"] == 0
         # within the bound (checked in the worker too), and close in absolute terms
         assert run["min_margin"] > 0, run
-        assert run["max_err_out"] < 1e-4, run
-        assert run["max_err_src_grad"] < 1e-4, run
-        assert run["max_err_param_grad"] < 1e-4, run
+        limit = 1e-4 if run["dtype"] == "float32" else 0.25  # bf16: errors of 2e-2 to 8e-2 measured
+        assert run["max_err_out"] < limit, run
+        assert run["max_err_src_grad"] < limit, run
+        assert run["max_err_param_grad"] < limit, run
+
+
+@pytest.mark.skip(reason="the Triton interpreter's bf16 arithmetic is wrong: bertkern's Triton attention "
+                         "alone on bf16 q, k, v (sequences of 7 and 6 tokens, 2 heads of 16) under "
+                         "TRITON_INTERPRET=1 is off by 8e8 at most, where the C++ CPU kernel on the same "
+                         "inputs is off by 3.8e-3 (torch's bf16 reference by 5.5e-3); the bf16 run of "
+                         "test_encoder_gpu_path_matches_fp64_reference gives the Triton kernels fp32 "
+                         "copies of q, k, v instead. Needs a GPU.")
+def test_encoder_gpu_path_bf16_attention_in_the_triton_interpreter():
+    raise AssertionError("unreachable: skipped")

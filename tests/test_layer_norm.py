@@ -8,15 +8,11 @@ from hypothesis import strategies as st
 
 import bertkern
 from bertkern.ops import layer_norm
+from tests.devices import devices
 from tests.reference import layer_norm_bwd_ref, layer_norm_ref, tolerances
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1, 1), (3, 1), (5, 7), (4, 768), (3, 1023), (2, 8192), (0, 768), (2, 3, 96)]
-
-
-def devices():
-    # Evaluated at collection, not import: tests query no device at import time.
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def make_inputs(shape, dtype, device="cpu", residual=True, weight=True, bias=True, seed=0):
@@ -72,10 +68,13 @@ def test_constant_rows_give_finite_output():
     torch.testing.assert_close(y, b.expand(3, 64))
 
 
-@pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (4, 768), (3, 1023), (2, 8192), (0, 16), (300, 64)])
-def test_backward_matches_reference(device, dtype, shape):
+BACKWARD_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKWARD_SHAPES = [(1, 1), (5, 7), (4, 768), (3, 1023), (2, 8192), (0, 16), (300, 64)]
+
+
+def backward_and_reference(device, dtype, shape):
+    """The kernel's gradients (dx, dresidual, dweight, dbias), both outputs carrying gradient,
+    and the fp64 reference's (dz, dweight, dbias) rounded to dtype."""
     x, r, w, b = make_inputs(shape, dtype, device)
     leaves = [t.clone().requires_grad_(True) for t in (x, r, w, b)]
     x_, r_, w_, b_ = leaves
@@ -84,13 +83,58 @@ def test_backward_matches_reference(device, dtype, shape):
     dy = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
     dz_extra = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
     torch.autograd.backward([y, z], [dy, dz_extra])
-    dz_ref, dw_ref, db_ref = layer_norm_bwd_ref(dy.cpu(), (x + r).cpu(), w.cpu(), True, 1e-5, dz_extra.cpu())
-    tol = tolerances(dtype, scale=4)  # reductions over rows: looser than elementwise
-    torch.testing.assert_close(x_.grad.cpu(), dz_ref, **tol)
-    torch.testing.assert_close(r_.grad.cpu(), dz_ref, **tol)
-    m = max(1, shape[0])
-    torch.testing.assert_close(w_.grad.cpu(), dw_ref, atol=tol["atol"] * m, rtol=tol["rtol"])
-    torch.testing.assert_close(b_.grad.cpu(), db_ref, atol=tol["atol"] * m, rtol=tol["rtol"])
+    refs = layer_norm_bwd_ref(dy.cpu(), (x + r).cpu(), w.cpu(), True, 1e-5, dz_extra.cpu())
+    return tuple(t.grad.cpu() for t in leaves), refs
+
+
+def assert_param_grad_close(got, ref, dtype, rows, name):
+    """dweight / dbias are sums over the rows of terms of order 1 (dy * xhat, dy with dy, xhat
+    ~ N(0, 1)). The kernel forms each term and accumulates in fp32, then rounds the sum once to
+    dtype, so the error is (a) that final rounding, at most half an ulp relative: inside the
+    table's rtol (fp16 2^-11 < 2e-3, bf16 2^-9 < 1.6e-2, fp32 2^-24 < 1e-5), and (b) the fp32
+    errors of the terms and of the running sum, absolute, in units of a term's size: rows
+    independent rounding errors of random sign add like a random walk, to about sqrt(rows)
+    times one (2^-24 sqrt(rows), far below the table's atol at these sizes). The sum itself
+    may cancel to near zero, where rtol gives nothing, so only atol scales, and by sqrt(rows),
+    not by rows (a worst-case all-same-sign bound that, at (300, 64) in bf16, let a 10% error
+    pass): table atol * sqrt(rows), table rtol. test_backward_tolerance_catches_a_10_percent_error
+    proves a 1.1x gradient fails this very check."""
+    tol = tolerances(dtype)
+    torch.testing.assert_close(got, ref, atol=tol["atol"] * max(1, rows) ** 0.5, rtol=tol["rtol"],
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", BACKWARD_DTYPES)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES)
+def test_backward_matches_reference(device, dtype, shape):
+    (dx, dr, dw, db), (dz_ref, dw_ref, db_ref) = backward_and_reference(device, dtype, shape)
+    tol = tolerances(dtype, scale=4)  # dz: a row's reductions (mean of dy * xhat) feed every element
+    torch.testing.assert_close(dx, dz_ref, **tol)
+    torch.testing.assert_close(dr, dz_ref, **tol)
+    rows = shape[0] if len(shape) else 1
+    assert_param_grad_close(dw, dw_ref, dtype, rows, "dweight")
+    assert_param_grad_close(db, db_ref, dtype, rows, "dbias")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", BACKWARD_DTYPES)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES)
+def test_backward_tolerance_catches_a_10_percent_error(device, dtype, shape):
+    """The dweight / dbias check of test_backward_matches_reference has teeth: the kernel's
+    gradient times 1.1 fails it, for every dtype and shape of that test. Where the exact gradient
+    is zero (no rows; dweight with one column, where xhat = 0: the fp64 reference gives ~1e-14
+    there), no scaling can show; there the kernel must return exact zeros instead."""
+    (_, _, dw, db), (_, dw_ref, db_ref) = backward_and_reference(device, dtype, shape)
+    rows = shape[0]
+    for name, got, ref in (("dweight", dw, dw_ref), ("dbias", db, db_ref)):
+        if ref.numel() == 0 or ref.double().abs().max().item() < 1e-10:
+            assert rows == 0 or (name == "dweight" and shape[-1] == 1), f"{name} unexpectedly zero"
+            assert torch.equal(got, torch.zeros_like(got)), f"{name}: exact gradient is 0, kernel gave {got}"
+            continue
+        assert_param_grad_close(got, ref, dtype, rows, name)  # the unscaled gradient passes
+        with pytest.raises(AssertionError):
+            assert_param_grad_close(got * 1.1, ref, dtype, rows, name)
 
 
 def test_backward_without_residual_output_used():

@@ -14,11 +14,8 @@ from bertkern.ops import (
     unpad,
 )
 from bertkern.ops.padding import Packing
+from tests.devices import devices
 from tests.reference import pad_ref, unpad_ref
-
-
-def devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def make_mask(kind, batch, seqlen, seed=0):

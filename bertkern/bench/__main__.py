@@ -1,11 +1,35 @@
 """Command line of bertkern.bench.
 
-    python -m bertkern.bench report out.json [--out DIR] [--title TITLE]
+    python -m bertkern.bench report out.json [--out DIR] [--machine NAME] [--allow-dirty] [--title TITLE]
     python -m bertkern.bench gpu-model [--arch 80,90] [--out DIR] [--quick] [--workers N] [--cuda-objects DIR]
     python -m bertkern.bench gpu-check [--out FILE] [--model JSON] [--skip-tests]
 
 ``out.json`` is what ``pytest benchmarks --benchmark-only --benchmark-json=out.json`` writes;
-``report`` turns it into report.md and speedup.png (bertkern.bench.report).
+``report`` turns it into a reproducible results folder (bertkern.bench.report.publish):
+
+    results.json          the raw JSON, copied unchanged
+    COMMIT                the full commit hash the run was made at (the JSON's commit_info.id)
+    report.md             the report (also printed): medians with IQR, ratios of medians with
+                          95% intervals, ``(n.s.)`` where an interval contains 1.0
+    encoder_speedup.png   encoder speedup vs padding fraction, train and inference (README chart)
+    speedup.png           the detailed plot, every suite
+
+The folder is ``--out DIR``, by default ``benchmarks/results/<machine>-<YYYY-MM-DD>/`` under the
+current directory (run it from the repository root):
+
+- ``<machine>``: ``--machine NAME`` (made file-name safe: lowercase, other characters to ``-``),
+  else a short name of the JSON's CPU (machine_info.cpu.brand_raw without "(R)", "CPU", "@ 2.70GHz",
+  "96-Core Processor": ``intel-xeon-platinum-8481c``, ``amd-epyc-9b14``), followed by the GPU's short
+  name when a row ran on CUDA (``...-nvidia-h100-80gb-hbm3``); ``unknown-machine`` when the JSON
+  names no CPU.
+- ``<YYYY-MM-DD>``: the run's date, the JSON's ``datetime`` (UTC; else commit_info's time, else
+  the file's modification date).
+
+The command refuses (exit status 1, nothing written) a JSON whose commit_info says the tree was
+dirty (pytest-benchmark's ``git describe --dirty``: uncommitted changes to tracked files) or that
+names no commit; ``--allow-dirty`` renders it anyway and report.md says so. Regenerating a
+committed report: ``python -m bertkern.bench report benchmarks/results/X/results.json --out
+benchmarks/results/X`` (the JSON is not copied onto itself).
 ``gpu-model`` is the static (no GPU) cost model of bertkern.bench.gpu_model, anchored on
 torch's bundled FlashAttention-2. ``gpu-check`` (bertkern.bench.gpu_check) runs the CUDA tests and
 benchmarks on a machine with an NVIDIA GPU and sets the measurements next to the model's figures;
@@ -21,12 +45,21 @@ def main(argv=None):
                                      description="bertkern benchmark tooling")
     sub = parser.add_subparsers(dest="command", title="commands")
     sub.required = True
-    rep = sub.add_parser("report", help="markdown report + speedup plot from a pytest-benchmark JSON",
-                         description="Write report.md (also printed) and speedup.png from the JSON "
-                                     "that pytest-benchmark's --benchmark-json writes.")
+    rep = sub.add_parser("report", help="results folder (JSON, COMMIT, report, plots) from a pytest-benchmark JSON",
+                         description="Write a results folder from the JSON that pytest-benchmark's "
+                                     "--benchmark-json writes: results.json (a copy), COMMIT, report.md "
+                                     "(also printed), encoder_speedup.png and speedup.png. Refuses a run "
+                                     "made on a dirty tree unless --allow-dirty.")
     rep.add_argument("json", help="pytest-benchmark JSON file (--benchmark-json=...)")
     rep.add_argument("--out", metavar="DIR", default=None,
-                     help="output folder (default: the JSON file's folder)")
+                     help="output folder (default: benchmarks/results/<machine>-<YYYY-MM-DD>/ under the "
+                          "current directory, from the JSON)")
+    rep.add_argument("--machine", metavar="NAME", default=None,
+                     help="machine part of the default folder name (default: the JSON's CPU short name, "
+                          "plus the GPU's for CUDA rows)")
+    rep.add_argument("--allow-dirty", action="store_true",
+                     help="render a run whose commit_info says the tree was dirty (or names no commit); "
+                          "the report says so")
     rep.add_argument("--title", default=None, help="report and plot title")
     gm = sub.add_parser("gpu-model", help="static GPU cost model (no GPU needed), FA2 as the anchor",
                         description="Compile every attention tile and the CUDA C++ kernels for sm_80 / "
@@ -55,7 +88,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "report":
-        return _report(args.json, args.out, args.title)
+        return _report(args.json, args.out, args.title, args.machine, args.allow_dirty)
     if args.command == "gpu-model":
         from bertkern.bench import gpu_model
 
@@ -75,16 +108,17 @@ def main(argv=None):
     return 2
 
 
-def _report(json_path, out_dir=None, title=None):
-    """The `report` command: render, print the markdown, say where the files went; exit status."""
+def _report(json_path, out_dir=None, title=None, machine=None, allow_dirty=False):
+    """The `report` command: publish, print the markdown, say where the files went; exit status."""
     from bertkern.bench import report
 
     try:
-        text, png = report.render(json_path, out_dir, title)
+        result = report.publish(json_path, out_dir, machine=machine, allow_dirty=allow_dirty, title=title)
     except report.ReportError as e:
         print(f"bertkern.bench report: error: {e}", file=sys.stderr)
         return 1
     try:
+        text = result.text
         try:
             print(text)
         except UnicodeEncodeError:  # a console that cannot print a benchmark name: keep the files
@@ -93,13 +127,16 @@ def _report(json_path, out_dir=None, title=None):
     except BrokenPipeError:  # `... | head`: the files are written; stop printing quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    md_path = os.path.join(report.output_dir(json_path, out_dir), report.REPORT_NAME)
-    print(f"\nwrote {md_path}", file=sys.stderr)
-    if png:
-        print(f"wrote {png}", file=sys.stderr)
-    else:
-        note = next((line.strip("_") for line in text.splitlines() if line.startswith("_Plot skipped")), "")
-        print(note or "plot skipped", file=sys.stderr)
+    print(f"\nwrote {result.folder}{os.sep}", file=sys.stderr)
+    for path in result.files.values():
+        print(f"wrote {path}", file=sys.stderr)
+    for line in text.splitlines():
+        if line.startswith(("_Plot skipped", "_Encoder chart skipped")):
+            print(line.strip("_"), file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if result.dirty or result.commit is None:
+        print("warning: rendered with --allow-dirty: the run does not match a clean commit", file=sys.stderr)
     return 0
 
 

@@ -27,16 +27,26 @@ _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.m
 _BACKENDS = ("auto", "onednn", "torch")
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), or "" where it is not known."""
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` of /proc/cpuinfo, or "" where it is not known."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), or "" where it is not known."""
+    return _cpuinfo("vendor_id")
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor", ...), or "" where it is not known."""
+    return _cpuinfo("model name")
 
 
 def _resolve(backend: str) -> bool:

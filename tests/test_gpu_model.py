@@ -264,6 +264,9 @@ def test_dropout_costs_less_than_15_percent(gpu, head_dim, goal_met, model_data)
         return
     assert ratio > 1.15, (f"{gpu} D={head_dim}: the goal is met now ({ratio:.2f}x): mark it met "
                           "(goal_met) and update the docs")
+    # The reported reason quotes this ratio: a model change that moves it fails here until the
+    # reason (and docs/performance.md, which quotes the same figures) is updated.
+    assert f"{ratio:.2f}x (D {head_dim})" in _DROPOUT_GOAL_UNMET_REASON, (ratio, _DROPOUT_GOAL_UNMET_REASON)
     pytest.xfail(_DROPOUT_GOAL_UNMET_REASON)
 
 
